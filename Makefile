@@ -1,0 +1,22 @@
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install test test-all lint demo
+
+# torch first, pinned, so the CPU wheel is used and no CUDA packages are pulled in.
+install:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-all: install
+	$(PYTHON) -m pytest -q -m ""
+
+lint: install
+	$(PYTHON) -m ruff check src tests
+	$(PYTHON) -m ruff format --check src tests
+
+demo: install
+	$(PYTHON) -m evl demo

@@ -1,0 +1,3 @@
+from evl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""Configuration as data: frozen dataclasses and preset tables.
+
+Every model is described by a :class:`ModelConfig` (a backbone plus a decoder). Presets are plain dicts;
+variations go through :func:`dataclasses.replace`, and the resolved config is saved with every checkpoint
+(:func:`to_dict` / :func:`model_config_from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# Normalisation statistics travel with the backbone preset (never a silent default).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A CLIP ViT image encoder (OpenAI layout: conv1, class/positional embedding, ln_pre, blocks, ln_post, proj)."""
+
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    patch_size: int = 16
+    image_size: int = 224
+    mlp_ratio: float = 4.0
+    output_dim: int | None = 512  # ``proj`` columns; None for an encoder without projection
+    layer_norm_eps: float = 1e-5
+    activation: str = "quick_gelu"  # OpenAI CLIP; "gelu" for open_clip models trained with nn.GELU
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    interpolation: str = "bicubic"  # used when resizing frames to ``image_size``
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"VisionConfig: width {self.width} is not divisible by heads {self.heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"VisionConfig: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2 + 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+
+# Real CLIP encoders (OpenAI release), plus small random-init presets for CPU work.
+VISION_PRESETS: dict[str, dict[str, Any]] = {
+    "ViT-B/32": dict(width=768, layers=12, heads=12, patch_size=32, image_size=224, output_dim=512),
+    "ViT-B/16": dict(width=768, layers=12, heads=12, patch_size=16, image_size=224, output_dim=512),
+    "ViT-L/14": dict(width=1024, layers=24, heads=16, patch_size=14, image_size=224, output_dim=768),
+    "ViT-L/14@336": dict(width=1024, layers=24, heads=16, patch_size=14, image_size=336, output_dim=768),
+    "ViT-S/16": dict(width=384, layers=12, heads=6, patch_size=16, image_size=224, output_dim=256),
+    "ViT-T/16": dict(width=192, layers=12, heads=3, patch_size=16, image_size=224, output_dim=128),
+    # A few seconds per training step on two CPU cores: what the demo and the end-to-end tests use.
+    "ViT-T/16@112": dict(width=192, layers=6, heads=3, patch_size=16, image_size=112, output_dim=128),
+}
+
+
+def vision_preset(name: str, **overrides: Any) -> VisionConfig:
+    """The :class:`VisionConfig` of a named preset, with optional field overrides."""
+    try:
+        fields = VISION_PRESETS[name]
+    except KeyError:
+        known = ", ".join(VISION_PRESETS)
+        raise ValueError(f"unknown backbone preset {name!r}; known presets: {known}") from None
+    return VisionConfig(**{**fields, **overrides})
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The EVL decoder and classification head.
+
+    ``blocks`` names the backbone blocks (0-based) that feed decoder layers 0..num_layers-1, shallow to deep;
+    ``None`` means the official choice, the last ``num_layers`` blocks.
+    """
+
+    num_frames: int = 8
+    num_layers: int = 4
+    num_classes: int = 400
+    num_heads: int | None = None  # None: the backbone's head count, as the official code
+    mlp_ratio: float = 4.0
+    mlp_dropout: float = 0.5
+    head_dropout: float = 0.5
+    temporal_conv: bool = True
+    temporal_pos_embed: bool = True
+    temporal_cross_attention: bool = True
+    blocks: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1:
+            raise ValueError(f"DecoderConfig: num_layers must be >= 1, got {self.num_layers}")
+        if self.num_frames < 1:
+            raise ValueError(f"DecoderConfig: num_frames must be >= 1, got {self.num_frames}")
+        if self.num_classes < 1:
+            raise ValueError(f"DecoderConfig: num_classes must be >= 1, got {self.num_classes}")
+        if self.blocks is not None and len(self.blocks) != self.num_layers:
+            raise ValueError(
+                f"DecoderConfig: {len(self.blocks)} feeding blocks given for {self.num_layers} decoder layers"
+            )
+
+    def feeding_blocks(self, backbone_layers: int) -> tuple[int, ...]:
+        """Backbone block index read by each decoder layer, validated against the backbone depth."""
+        blocks = self.blocks
+        if blocks is None:
+            if self.num_layers > backbone_layers:
+                raise ValueError(
+                    f"{self.num_layers} decoder layers need as many backbone blocks, "
+                    f"but the backbone has {backbone_layers}"
+                )
+            blocks = tuple(range(backbone_layers - self.num_layers, backbone_layers))
+        blocks = tuple(b + backbone_layers if b < 0 else b for b in blocks)
+        for b in blocks:
+            if not 0 <= b < backbone_layers:
+                raise ValueError(f"feeding block {b} is outside the backbone's {backbone_layers} blocks")
+        return blocks
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """An EVL video classifier: a frozen CLIP ViT and a trainable decoder."""
+
+    backbone: VisionConfig = field(default_factory=VisionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    backbone_name: str = "ViT-B/16"
+    freeze_backbone: bool = True
+    # Compute dtype of the frozen backbone: "auto" picks float32 on CPU (half precision is emulated there)
+    # and bfloat16 on CUDA; or one of "float32", "float16", "bfloat16".
+    backbone_dtype: str = "auto"
+
+
+# Model presets: the paper's configurations (Table 1 / Table 9 of the EVL paper).
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "evl-b16": dict(backbone="ViT-B/16", decoder=dict(num_layers=4)),
+    "evl-b16-ssv2": dict(backbone="ViT-B/16", decoder=dict(num_layers=12)),
+    "evl-l14": dict(backbone="ViT-L/14", decoder=dict(num_layers=4)),
+    "evl-l14-336": dict(backbone="ViT-L/14@336", decoder=dict(num_layers=4)),
+    "evl-l14-ssv2": dict(backbone="ViT-L/14", decoder=dict(num_layers=24)),
+    "evl-t16": dict(backbone="ViT-T/16", decoder=dict(num_layers=4)),
+    "evl-t16-112": dict(backbone="ViT-T/16@112", decoder=dict(num_layers=2)),
+}
+
+
+def model_preset(name: str, **decoder_overrides: Any) -> ModelConfig:
+    """The :class:`ModelConfig` of a named model preset; keyword arguments override decoder fields."""
+    try:
+        preset = MODEL_PRESETS[name]
+    except KeyError:
+        known = ", ".join(MODEL_PRESETS)
+        raise ValueError(f"unknown model preset {name!r}; known presets: {known}") from None
+    decoder = DecoderConfig(**{**preset["decoder"], **decoder_overrides})
+    return ModelConfig(
+        backbone=vision_preset(preset["backbone"]), decoder=decoder, backbone_name=preset["backbone"]
+    )
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a (nested) config dataclass; tuples become lists."""
+    return dataclasses.asdict(config)
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _from_fields(cls: type, data: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return cls(**{k: _tupled(v) for k, v in data.items()})
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Inverse of :func:`to_dict` for a :class:`ModelConfig`."""
+    data = dict(data)
+    backbone = _from_fields(VisionConfig, data.pop("backbone"))
+    decoder = _from_fields(DecoderConfig, data.pop("decoder"))
+    return _from_fields(ModelConfig, {**data, "backbone": backbone, "decoder": decoder})

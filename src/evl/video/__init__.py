@@ -1,0 +1,1 @@
+"""Video input: list files, decoding, frame sampling and transforms."""
