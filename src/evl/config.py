@@ -57,7 +57,7 @@ class VisionConfig:
 
     @property
     def mlp_width(self) -> int:
-        return int(self.width * self.mlp_ratio)
+        return round(self.width * self.mlp_ratio)
 
 
 # Real CLIP encoders (OpenAI release), plus small random-init presets for CPU work.

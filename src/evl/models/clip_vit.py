@@ -1,0 +1,186 @@
+"""The CLIP ViT image encoder, with OpenAI's parameter names.
+
+Because the names match OpenAI's ``model.visual`` (and open_clip's), those checkpoints load strict with no
+key mapping. Beyond the usual image embedding, :meth:`CLIPVisionTransformer.forward_intermediates` returns,
+for the requested blocks only, the raw block output and the block's own attention q and k, which is what
+EVL's decoder and its temporal cross-attention consume.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evl.config import VisionConfig
+from evl.models.layers import LayerNorm, activation_layer
+
+
+class BlockFeatures(NamedTuple):
+    """What one backbone block hands to the decoder.
+
+    ``out``: block output (residual stream), [N, L, C]. ``q``, ``k``: the block's self-attention query and
+    key after projection (bias included), split into heads and not scaled, [N, L, H, Dh].
+    Leading dimensions may also be [B, T, ...] once a video model has unflattened them.
+    """
+
+    out: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with OpenAI's fused ``in_proj`` parameters and fused SDPA."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(
+        self, x: torch.Tensor, return_qk: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """x: [N, L, C] -> ([N, L, C], (q, k) each [N, L, H, Dh] when ``return_qk``)."""
+        n, length, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(n, length, 3, self.heads, width // self.heads).unbind(2)  # each [N, L, H, Dh]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = self.out_proj(out.transpose(1, 2).reshape(n, length, width))
+        return out, ((q, k) if return_qk else None)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, activation: str, eps: float) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads)
+        self.ln_2 = LayerNorm(width, eps=eps)
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                c_fc=nn.Linear(width, mlp_width),
+                gelu=activation_layer(activation),
+                c_proj=nn.Linear(mlp_width, width),
+            )
+        )
+
+    def forward(
+        self, x: torch.Tensor, return_qk: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        attn_out, qk = self.attn(self.ln_1(x), return_qk=return_qk)
+        x = x + attn_out
+        x = x + self.mlp(self.ln_2(x))
+        return x, qk
+
+
+class Transformer(nn.Module):
+    """A stack of blocks; exists so that parameter names read ``transformer.resblocks.N`` as OpenAI's."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(
+                config.width, config.heads, config.mlp_width, config.activation, config.layer_norm_eps
+            )
+            for _ in range(config.layers)
+        )
+
+
+class CLIPVisionTransformer(nn.Module):
+    """CLIP's ViT image encoder (OpenAI ``VisionTransformer`` layout and names)."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        width, patch = config.width, config.patch_size
+        scale = width**-0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(config.num_tokens, width))
+        self.ln_pre = LayerNorm(width, eps=config.layer_norm_eps)
+        self.transformer = Transformer(config)
+        self.ln_post = LayerNorm(width, eps=config.layer_norm_eps)
+        self.proj = (
+            nn.Parameter(scale * torch.randn(width, config.output_dim)) if config.output_dim else None
+        )
+
+    # ----------------------------------------------------------------------------------------------- embedding
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"CLIP image encoder expects images [N, 3, H, W], got shape {tuple(x.shape)}")
+        p = self.config.patch_size
+        if x.shape[2] % p or x.shape[3] % p:
+            raise ValueError(
+                f"image size {x.shape[2]}x{x.shape[3]} is not a multiple of the patch size {p}"
+            )
+
+    def positional_embedding_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """[1 + grid_h*grid_w, C]: the learned table, bicubically resized when the grid differs (as CLIP does)."""
+        pos = self.positional_embedding
+        grid = self.config.grid_size
+        if (grid_h, grid_w) == (grid, grid):
+            return pos
+        cls_pos, patch_pos = pos[:1], pos[1:]
+        patch_pos = patch_pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # [1, C, g, g]
+        patch_pos = F.interpolate(
+            patch_pos.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False
+        ).to(pos.dtype)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
+        return torch.cat([cls_pos, patch_pos], dim=0)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, H, W] -> tokens [N, 1 + h*w, C] (CLS first, patches row-major), after ``ln_pre``."""
+        self._check_input(x)
+        x = self.conv1(x.to(self.conv1.weight.dtype))  # [N, C, h, w]
+        grid_h, grid_w = x.shape[2], x.shape[3]
+        x = x.flatten(2).transpose(1, 2)  # [N, h*w, C]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding_for(grid_h, grid_w).to(x.dtype)
+        return self.ln_pre(x)
+
+    # ------------------------------------------------------------------------------------------------ forwards
+    def forward_intermediates(self, x: torch.Tensor, blocks: Sequence[int]) -> list[BlockFeatures]:
+        """Images [N, 3, H, W] -> one :class:`BlockFeatures` per requested block, in the order requested.
+
+        Only blocks up to the deepest requested one run, q/k are kept for the requested blocks only, and
+        ``ln_post``/``proj`` are not applied: the decoder reads the raw residual stream.
+        """
+        num_blocks = len(self.transformer.resblocks)
+        wanted = sorted(set(blocks))
+        if not wanted:
+            raise ValueError("forward_intermediates needs at least one block index")
+        if wanted[0] < 0 or wanted[-1] >= num_blocks:
+            raise ValueError(f"block indices {list(blocks)} are outside the encoder's {num_blocks} blocks")
+        kept: dict[int, BlockFeatures] = {}
+        x = self.embed(x)
+        for index, block in enumerate(self.transformer.resblocks[: wanted[-1] + 1]):
+            keep = index in wanted
+            x, qk = block(x, return_qk=keep)
+            if keep:
+                kept[index] = BlockFeatures(x, *qk)
+        return [kept[b] for b in blocks]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, H, W] -> output tokens of the last block [N, L, C] (no ``ln_post``)."""
+        x = self.embed(x)
+        for block in self.transformer.resblocks:
+            x, _ = block(x)
+        return x
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens [N, L, C] -> image embedding [N, D]: ``ln_post`` of CLS, projected when ``proj`` exists."""
+        x = self.ln_post(tokens[:, 0])
+        return x @ self.proj.to(x.dtype) if self.proj is not None else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, H, W] -> embeddings [N, output_dim] (or [N, width] without projection)."""
+        return self.pool(self.forward_features(x))

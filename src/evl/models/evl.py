@@ -1,0 +1,375 @@
+"""EVL: a frozen CLIP ViT, a light transformer decoder with temporal modules, and a linear head.
+
+Lin et al., "Frozen CLIP Models are Efficient Video Learners" (ECCV 2022). Decoder layer i reads backbone
+block ``blocks[i]`` (by default the last M blocks, shallow to deep):
+
+    Y_i = X + TemporalConv(X) + TemporalPosEmbed + TemporalCrossAttention(q, k)
+    query = query + Attn(norm1(query), norm3(Y_i)); query = query + MLP(norm2(query))
+    logits = Linear(Dropout(LayerNorm(query)))
+
+Only the decoder and the head train; the backbone runs without autograd and is never in the trainable state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evl.config import DecoderConfig, ModelConfig
+from evl.models.clip_vit import BlockFeatures, CLIPVisionTransformer
+from evl.models.layers import LayerNorm, QuickGELU
+
+# ----------------------------------------------------------------------------------------- temporal modules
+
+
+class TemporalConv(nn.Module):
+    """Depthwise 1-D convolution over time (kernel 3, one filter per channel, with bias).
+
+    [B, T, L, C] -> [B, T, L, C], run independently for every token position (CLS included).
+    """
+
+    def __init__(self, width: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(width, 1, kernel_size))
+        self.bias = nn.Parameter(torch.empty(width))
+        # NOTE(ref): the official code keeps nn.Conv1d's default initialisation (not zero); so do we.
+        reference = nn.Conv1d(width, width, kernel_size, groups=width)
+        with torch.no_grad():
+            self.weight.copy_(reference.weight)
+            self.bias.copy_(reference.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, length, c = x.shape
+        y = x.permute(0, 2, 3, 1).reshape(b * length, c, t)  # time last, one sequence per token
+        y = F.conv1d(y, self.weight, self.bias, padding=self.weight.shape[-1] // 2, groups=c)
+        return y.view(b, length, c, t).permute(0, 3, 1, 2)
+
+
+class TemporalPosEmbed(nn.Module):
+    """A learned [T, C] table added to every token of frame t (zero-initialised as the official code)."""
+
+    def __init__(self, num_frames: int, width: int) -> None:
+        super().__init__()
+        self.embed = nn.Parameter(torch.zeros(num_frames, width))
+
+    def forward(self) -> torch.Tensor:
+        """-> [1, T, 1, C], ready to broadcast onto frame features [B, T, L, C]."""
+        return self.embed[None, :, None, :]
+
+
+def relative_position_index(grid_h: int, grid_w: int) -> torch.Tensor:
+    """[h*w, h*w] long: row of the (2h-1)(2w-1) offset table for query patch q and key patch k.
+
+    idx(q, k) = (qr - kr + h - 1) * (2w - 1) + (qc - kc + w - 1): query-minus-key offsets, row-major.
+    """
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    d_row = rows[:, None] - rows[None, :] + grid_h - 1
+    d_col = cols[:, None] - cols[None, :] + grid_w - 1
+    return d_row * (2 * grid_w - 1) + d_col
+
+
+def aggregate_relative(attn: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """out[n, q, c] = sum_k attn[n, q, k] * weight[index[q, k], c], without building weight[index].
+
+    attn [N, Lq, Lk], weight [R, C], index [Lq, Lk] -> [N, Lq, C]. Within one query row every key has a
+    distinct offset, so scattering the attention row into its offset bins loses nothing; one matmul with the
+    table then does the rest. The straightforward form materialises an [Lq, Lk, C] tensor per call (113 MiB
+    for ViT-B/16) and is kept as :func:`aggregate_relative_gather` for testing and FLOP counting.
+    """
+    n, lq, lk = attn.shape
+    bins = attn.new_zeros(n, lq, weight.shape[0]).scatter_(2, index.expand(n, lq, lk), attn)
+    return bins @ weight
+
+
+def aggregate_relative_gather(attn: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The straightforward form of :func:`aggregate_relative` (the paper's formulation)."""
+    return torch.einsum("nqk,qkc->nqc", attn, weight[index])
+
+
+class TemporalCrossAttention(nn.Module):
+    """Attention maps between adjacent frames from the frozen CLIP q/k, projected to C channels.
+
+    For frame t, A = mean over heads of softmax(q_t k_{t-1}^T / sqrt(Dh)) over the patch tokens (CLS dropped),
+    and the output for query patch q is sum_k A[q, k] W_prev[offset(q, k)]; the same with frame t+1 and
+    W_next. The CLS row receives nothing. q, k [B, T, L, H, Dh] -> [B, T, L, C].
+    """
+
+    def __init__(self, width: int, grid_h: int, grid_w: int) -> None:
+        super().__init__()
+        num_offsets = (2 * grid_h - 1) * (2 * grid_w - 1)
+        self.grid = (grid_h, grid_w)
+        self.w_prev = nn.Parameter(torch.zeros(num_offsets, width))
+        self.w_next = nn.Parameter(torch.zeros(num_offsets, width))
+        self.register_buffer("index", relative_position_index(grid_h, grid_w), persistent=False)
+        self.materialize = False  # True: the paper's gather formulation (used for FLOP counting)
+
+    def _term(self, q: torch.Tensor, k: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """q, k [B, T', P, H, Dh] (patches only) -> [B, T', P, C]."""
+        b, t, p, h, d = q.shape
+        q = q.transpose(2, 3).float() * d**-0.5  # [B, T', H, P, Dh]
+        k = k.transpose(2, 3).float()
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=2)  # [B, T', P, P], heads averaged
+        aggregate = aggregate_relative_gather if self.materialize else aggregate_relative
+        return aggregate(attn.flatten(0, 1), weight, self.index).view(b, t, p, -1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        b, t, length, _, _ = q.shape
+        num_patches = self.grid[0] * self.grid[1]
+        if length - 1 != num_patches:
+            raise ValueError(
+                f"temporal cross-attention was built for a {self.grid[0]}x{self.grid[1]} patch grid "
+                f"({num_patches + 1} tokens per frame) but got {length} tokens per frame; "
+                "feed frames at the backbone's image size"
+            )
+        q, k = q[:, :, 1:], k[:, :, 1:]
+        out = q.new_zeros(b, t, length, self.w_prev.shape[1], dtype=self.w_prev.dtype)
+        if t > 1:
+            patches = out[:, :, 1:]
+            # NOTE(ref): frame t gets (0 + previous-frame term) + next-frame term, in that order.
+            patches[:, 1:] += self._term(q[:, 1:], k[:, :-1], self.w_prev)
+            patches[:, :-1] += self._term(q[:, :-1], k[:, 1:], self.w_next)
+        return out
+
+
+# --------------------------------------------------------------------------------------------- decoder
+
+
+class DecoderAttention(nn.Module):
+    """Multi-head cross-attention with separate q/k/v/out projections (the official decoder's layout)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"decoder width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+        for linear in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """x [B, Lq, C] attends to memory [B, Lm, C] -> [B, Lq, C]."""
+        b, lq, c = x.shape
+        lm = memory.shape[1]
+        d = c // self.heads
+        q = self.q_proj(x).view(b, lq, self.heads, d).transpose(1, 2)
+        k = self.k_proj(memory).view(b, lm, self.heads, d).transpose(1, 2)
+        v = self.v_proj(memory).view(b, lm, self.heads, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, Lq, d]
+        return self.out_proj(out.transpose(1, 2).reshape(b, lq, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = QuickGELU()
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, width)
+        for linear in (self.fc1, self.fc2):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.normal_(linear.bias, std=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: query += Attn(norm1(query), norm3(memory)); query += MLP(norm2(query))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(width)
+        self.norm2 = LayerNorm(width)
+        self.norm3 = LayerNorm(width)
+        self.attn = DecoderAttention(width, heads)
+        self.mlp = Mlp(width, round(width * mlp_ratio), dropout)
+
+    def forward(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        query = query + self.attn(self.norm1(query), self.norm3(memory))
+        return query + self.mlp(self.norm2(query))
+
+
+class EVLDecoder(nn.Module):
+    """One learnable query gathering multi-layer frame features through M decoder layers.
+
+    ``forward(features)`` takes one :class:`BlockFeatures` per decoder layer with ``out`` [B, T, L, C] and
+    ``q``/``k`` [B, T, L, H, Dh], and returns the final query [B, C].
+    """
+
+    def __init__(self, config: DecoderConfig, width: int, heads: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.config = config
+        m = config.num_layers
+        # NOTE(ref): the official initialiser of the query is never called, so it starts at zero.
+        self.query = nn.Parameter(torch.zeros(width))
+        self.temporal_conv = nn.ModuleList(TemporalConv(width) for _ in range(m)) if config.temporal_conv else None
+        self.temporal_pos_embed = (
+            nn.ModuleList(TemporalPosEmbed(config.num_frames, width) for _ in range(m))
+            if config.temporal_pos_embed
+            else None
+        )
+        self.cross_attention = (
+            nn.ModuleList(TemporalCrossAttention(width, *grid) for _ in range(m))
+            if config.temporal_cross_attention
+            else None
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(width, config.num_heads or heads, config.mlp_ratio, config.mlp_dropout) for _ in range(m)
+        )
+
+    def frame_features(self, i: int, features: BlockFeatures) -> torch.Tensor:
+        """The memory of decoder layer i: block output plus the temporal terms, [B, T, L, C]."""
+        x = features.out
+        # Never in place: x may be the backbone's (or the feature cache's) own tensor.
+        y = x
+        if self.temporal_conv is not None:
+            y = y + self.temporal_conv[i](x)
+        if self.temporal_pos_embed is not None:
+            y = y + self.temporal_pos_embed[i]()
+        if self.cross_attention is not None:
+            y = y + self.cross_attention[i](features.q, features.k)
+        return y
+
+    def forward(self, features: list[BlockFeatures]) -> torch.Tensor:
+        if len(features) != len(self.layers):
+            raise ValueError(f"decoder has {len(self.layers)} layers but got {len(features)} feature maps")
+        b = features[0].out.shape[0]
+        query = self.query.expand(b, 1, -1)
+        for i, layer in enumerate(self.layers):
+            memory = self.frame_features(i, features[i]).flatten(1, 2)  # [B, T*L, C], frame-major
+            query = layer(query, memory)
+        return query[:, 0]
+
+
+class ClassifierHead(nn.Module):
+    """LayerNorm -> Dropout -> Linear, applied to the decoder query."""
+
+    def __init__(self, width: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = LayerNorm(width)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.norm(x)))
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_backbone_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The backbone's compute dtype; "auto" is float32 on CPUs (where half precision is emulated, many
+    times slower) and bfloat16 on CUDA."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone dtype {name!r}; expected auto, {', '.join(_DTYPES)}") from None
+
+
+class EVL(nn.Module):
+    """Video classifier: videos [B, T, 3, H, W] (normalised) -> logits [B, num_classes]."""
+
+    def __init__(self, config: ModelConfig, backbone: CLIPVisionTransformer | None = None) -> None:
+        super().__init__()
+        if backbone is not None and backbone.config != config.backbone:
+            raise ValueError("the backbone module's config differs from config.backbone")
+        self.config = config
+        vision = config.backbone
+        self.blocks = config.decoder.feeding_blocks(vision.layers)
+        self.backbone = backbone if backbone is not None else CLIPVisionTransformer(vision)
+        self.decoder = EVLDecoder(config.decoder, vision.width, vision.heads, (vision.grid_size,) * 2)
+        self.head = ClassifierHead(vision.width, config.decoder.num_classes, config.decoder.head_dropout)
+        if config.freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    @property
+    def frozen(self) -> bool:
+        return self.config.freeze_backbone
+
+    def train(self, mode: bool = True) -> EVL:
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()  # a frozen backbone never leaves eval mode
+        return self
+
+    # ------------------------------------------------------------------------------------------ input
+    def check_input(self, video: torch.Tensor) -> None:
+        if video.ndim != 5 or video.shape[2] != 3:
+            raise ValueError(f"EVL expects videos [B, T, 3, H, W], got shape {tuple(video.shape)}")
+        t = video.shape[1]
+        if self.decoder.temporal_pos_embed is not None and t != self.config.decoder.num_frames:
+            raise ValueError(
+                f"this model was built for {self.config.decoder.num_frames} frames per clip, got {t} "
+                "(the temporal position embedding has one row per frame)"
+            )
+        size = self.config.backbone.image_size
+        if self.decoder.cross_attention is not None and tuple(video.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"this model takes {size}x{size} frames, got {video.shape[-2]}x{video.shape[-1]}"
+            )
+
+    # --------------------------------------------------------------------------------------- forwards
+    def _backbone_context(self, device: torch.device) -> contextlib.AbstractContextManager:
+        dtype = resolve_backbone_dtype(self.config.backbone_dtype, device)
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    def extract_features(self, video: torch.Tensor) -> list[BlockFeatures]:
+        """Videos [B, T, 3, H, W] -> per decoder layer: out [B, T, L, C], q/k [B, T, L, H, Dh] in float32."""
+        self.check_input(video)
+        b, t = video.shape[:2]
+        grad = torch.enable_grad() if not self.frozen and torch.is_grad_enabled() else torch.no_grad()
+        with grad, self._backbone_context(video.device):
+            feats = self.backbone.forward_intermediates(video.flatten(0, 1), self.blocks)
+        return [BlockFeatures(*(x.float().unflatten(0, (b, t)) for x in f)) for f in feats]
+
+    def forward_head(self, features: list[BlockFeatures]) -> torch.Tensor:
+        """Backbone features (from :meth:`extract_features` or a feature cache) -> logits [B, num_classes]."""
+        return self.head(self.decoder(features))
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.extract_features(video))
+
+    # ------------------------------------------------------------------------------------------ state
+    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Decoder and head (and the backbone only when it is fine-tuned): what a checkpoint stores."""
+        state = self.state_dict()
+        if self.frozen:
+            state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+        return state
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Strict load of :meth:`trainable_state_dict` with one-line errors for missing/unexpected/misshapen keys."""
+        own = self.trainable_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"{source} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(
+                    f"{source}: {key} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}"
+                    " (different width, frame count or number of classes?)"
+                )
+        self.load_state_dict(state, strict=False)

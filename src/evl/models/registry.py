@@ -1,0 +1,153 @@
+"""Building models from names, paths and checkpoints: the one place that turns a spec into a module."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from evl.config import (
+    MODEL_PRESETS,
+    VISION_PRESETS,
+    DecoderConfig,
+    ModelConfig,
+    VisionConfig,
+    model_preset,
+    vision_preset,
+)
+from evl.models.clip_vit import CLIPVisionTransformer
+from evl.models.evl import EVL
+from evl.weights import load_clip_vision, load_official_evl
+
+# File names OpenAI publishes its checkpoints under (and ``clip.load`` caches them as).
+OPENAI_FILE_NAMES = {
+    "ViT-B/32": "ViT-B-32.pt",
+    "ViT-B/16": "ViT-B-16.pt",
+    "ViT-L/14": "ViT-L-14.pt",
+    "ViT-L/14@336": "ViT-L-14-336px.pt",
+}
+
+
+class OfflineWeightsError(FileNotFoundError):
+    """Pretrained weights were asked for by name and no local copy exists (nothing is downloaded)."""
+
+
+def weight_search_dirs() -> list[Path]:
+    """Where a preset name is looked up: $EVL_WEIGHTS_DIR, then the cache folder OpenAI's ``clip`` uses."""
+    dirs = [Path(p) for p in os.environ.get("EVL_WEIGHTS_DIR", "").split(os.pathsep) if p]
+    return [*dirs, Path.home() / ".cache" / "clip"]
+
+
+def find_local_weights(name: str) -> Path:
+    file_name = OPENAI_FILE_NAMES.get(name)
+    if file_name is None:
+        raise OfflineWeightsError(
+            f"no pretrained weights are published for {name!r}; use 'random:{name}' for a random-init backbone"
+        )
+    for folder in weight_search_dirs():
+        if (folder / file_name).is_file():
+            return folder / file_name
+    searched = ", ".join(str(d) for d in weight_search_dirs())
+    raise OfflineWeightsError(
+        f"pretrained {name} weights not found locally ({file_name} in {searched}); evl does not download: "
+        f"fetch OpenAI's {file_name} (or any open_clip / Hugging Face CLIP checkpoint) and pass its path, "
+        f"or set EVL_WEIGHTS_DIR, or use 'random:{name}'"
+    )
+
+
+def create_backbone(
+    spec: str | Path,
+    heads: int | None = None,
+    activation: str | None = None,
+    image_size: int | None = None,
+) -> tuple[CLIPVisionTransformer, str]:
+    """A CLIP image encoder from ``NAME`` (local pretrained copy), ``random:NAME`` or a checkpoint ``PATH``.
+
+    Returns the module and a display name. Loading is strict: every tensor is used and none is missing.
+    """
+    spec = str(spec)
+    overrides = {"heads": heads, "activation": activation, "image_size": image_size}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if spec.startswith("random:"):
+        name = spec[len("random:") :]
+        return CLIPVisionTransformer(vision_preset(name, **overrides)), name
+    if spec in VISION_PRESETS and not Path(spec).exists():
+        path = find_local_weights(spec)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            known = ", ".join(VISION_PRESETS)
+            raise FileNotFoundError(
+                f"backbone {spec!r} is neither a file or folder nor a preset name ({known}); "
+                "random-init backbones are written random:NAME"
+            )
+    config, state = load_clip_vision(path, heads=heads, activation=activation, image_size=image_size)
+    module = CLIPVisionTransformer(config)
+    module.load_state_dict(state, strict=True)
+    return module, str(path)
+
+
+def create_model(
+    name: str = "evl-b16",
+    num_classes: int = 400,
+    backbone: str | Path | CLIPVisionTransformer | None = None,
+    **decoder_overrides: Any,
+) -> EVL:
+    """An EVL model from a preset, e.g. ``create_model("evl-b16", num_classes=400, backbone="ViT-B-16.pt")``.
+
+    ``backbone`` may be a path, a preset name with local weights, ``random:NAME``, or a module; ``None``
+    gives the preset's backbone at random initialisation.
+    """
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_PRESETS)}")
+    config = model_preset(name, num_classes=num_classes, **decoder_overrides)
+    module: CLIPVisionTransformer | None
+    if backbone is None:
+        module = None
+    elif isinstance(backbone, CLIPVisionTransformer):
+        module = backbone
+    else:
+        module, backbone_name = create_backbone(backbone)
+        config = dataclasses.replace(config, backbone_name=backbone_name)
+    if module is not None:
+        config = dataclasses.replace(config, backbone=module.config)
+    return EVL(config, module)
+
+
+def load_official_checkpoint(
+    checkpoint: str | Path,
+    backbone: str | Path | CLIPVisionTransformer,
+    backbone_heads: int | None = None,
+    **decoder_overrides: Any,
+) -> EVL:
+    """An official EVL training checkpoint plus its CLIP backbone -> an :class:`EVL` in eval mode.
+
+    The decoder's shape (layers, frames, classes, which temporal modules) is read from the checkpoint; the
+    decoder's head count (not stored) defaults to the backbone's, as the official code builds it.
+    """
+    state, fields = load_official_evl(checkpoint)
+    if isinstance(backbone, CLIPVisionTransformer):
+        module, backbone_name = backbone, "module"
+    else:
+        module, backbone_name = create_backbone(backbone, heads=backbone_heads)
+    vision: VisionConfig = module.config
+    width = state["decoder.query"].shape[0]
+    if width != vision.width:
+        raise ValueError(
+            f"{checkpoint}: decoder width {width} does not match the backbone's width {vision.width} "
+            f"({backbone_name})"
+        )
+    if "decoder.cross_attention.0.w_prev" in state:
+        rows = state["decoder.cross_attention.0.w_prev"].shape[0]
+        expected = (2 * vision.grid_size - 1) ** 2
+        if rows != expected:
+            raise ValueError(
+                f"{checkpoint}: cross-attention tables have {rows} offsets, the backbone's "
+                f"{vision.grid_size}x{vision.grid_size} grid needs {expected} (different image size or patch?)"
+            )
+    decoder = DecoderConfig(**{**fields, **decoder_overrides})
+    config = ModelConfig(backbone=vision, decoder=decoder, backbone_name=backbone_name)
+    model = EVL(config, module)
+    model.load_trainable_state_dict(state, source=str(checkpoint))
+    return model.eval()

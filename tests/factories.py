@@ -1,0 +1,110 @@
+"""Random weights in real checkpoint layouts, for loading and parity tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_openai_visual(
+    width=48, layers=3, patch=8, image_size=40, mlp=37, output_dim=24, seed=0
+) -> dict[str, torch.Tensor]:
+    """A CLIP image encoder's state dict under OpenAI ``model.visual`` names, random but well scaled."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std):
+        return torch.randn(*shape, generator=g) * std
+
+    grid = image_size // patch
+    state = {
+        "class_embedding": randn(width, std=width**-0.5),
+        "positional_embedding": randn(grid * grid + 1, width, std=width**-0.5),
+        "conv1.weight": randn(width, 3, patch, patch, std=(3 * patch * patch) ** -0.5),
+        "ln_pre.weight": 1 + randn(width, std=0.1),
+        "ln_pre.bias": randn(width, std=0.05),
+        "ln_post.weight": 1 + randn(width, std=0.1),
+        "ln_post.bias": randn(width, std=0.05),
+        "proj": randn(width, output_dim, std=width**-0.5),
+    }
+    for i in range(layers):
+        p = f"transformer.resblocks.{i}"
+        state.update(
+            {
+                f"{p}.attn.in_proj_weight": randn(3 * width, width, std=width**-0.5),
+                f"{p}.attn.in_proj_bias": randn(3 * width, std=0.05),
+                f"{p}.attn.out_proj.weight": randn(width, width, std=width**-0.5),
+                f"{p}.attn.out_proj.bias": randn(width, std=0.05),
+                f"{p}.ln_1.weight": 1 + randn(width, std=0.1),
+                f"{p}.ln_1.bias": randn(width, std=0.05),
+                f"{p}.ln_2.weight": 1 + randn(width, std=0.1),
+                f"{p}.ln_2.bias": randn(width, std=0.05),
+                f"{p}.mlp.c_fc.weight": randn(mlp, width, std=width**-0.5),
+                f"{p}.mlp.c_fc.bias": randn(mlp, std=0.05),
+                f"{p}.mlp.c_proj.weight": randn(width, mlp, std=mlp**-0.5),
+                f"{p}.mlp.c_proj.bias": randn(width, std=0.05),
+            }
+        )
+    return state
+
+
+def random_official_decoder(
+    width=48,
+    layers=2,
+    frames=4,
+    classes=7,
+    grid=(5, 5),
+    mlp=96,
+    conv=True,
+    pos=True,
+    cross=True,
+    seed=1,
+) -> dict[str, torch.Tensor]:
+    """An official EVL decoder + head state dict (keys as in the official checkpoint, without ``module.``).
+
+    Every tensor is random noise, including those the official code initialises to zero, so that each
+    module changes the logits.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std):
+        return torch.randn(*shape, generator=g) * std
+
+    offsets = (2 * grid[0] - 1) * (2 * grid[1] - 1)
+    state = {"decoder.cls_token": randn(width, std=1.0)}
+    for i in range(layers):
+        p = f"decoder.decoder_layers.{i}"
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            state[f"{p}.attn.{name}.weight"] = randn(width, width, std=width**-0.5)
+            state[f"{p}.attn.{name}.bias"] = randn(width, std=0.05)
+        state[f"{p}.mlp.fc1.weight"] = randn(mlp, width, std=width**-0.5)
+        state[f"{p}.mlp.fc1.bias"] = randn(mlp, std=0.05)
+        state[f"{p}.mlp.fc2.weight"] = randn(width, mlp, std=mlp**-0.5)
+        state[f"{p}.mlp.fc2.bias"] = randn(width, std=0.05)
+        for n in (1, 2, 3):
+            state[f"{p}.norm{n}.weight"] = 1 + randn(width, std=0.1)
+            state[f"{p}.norm{n}.bias"] = randn(width, std=0.05)
+        if conv:
+            state[f"decoder.temporal_conv.{i}.weight"] = randn(width, 1, 3, std=0.3)
+            state[f"decoder.temporal_conv.{i}.bias"] = randn(width, std=0.05)
+        if pos:
+            state[f"decoder.temporal_pos_embed.{i}"] = randn(frames, width, std=0.5)
+        if cross:
+            state[f"decoder.cross_attention.{i}.w1"] = randn(offsets, width, std=1.0)
+            state[f"decoder.cross_attention.{i}.w2"] = randn(offsets, width, std=1.0)
+    state["proj.0.weight"] = 1 + randn(width, std=0.1)
+    state["proj.0.bias"] = randn(width, std=0.05)
+    state["proj.2.weight"] = randn(classes, width, std=width**-0.5)
+    state["proj.2.bias"] = randn(classes, std=0.05)
+    return state
+
+
+def moving_video(batch=2, frames=4, size=40, seed=2) -> torch.Tensor:
+    """[B, 3, T, H, W] (official layout): a random image rolled a little each frame, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(batch, 3, size, size, generator=g)
+    noise = torch.randn(batch, 3, frames, size, size, generator=g)
+    shifts = [(0, 3), (3, -3), (2, 1), (-1, 2)]
+    frames_ = [
+        torch.stack([base[b].roll(tuple(s * t for s in shifts[b % 4]), dims=(1, 2)) for b in range(batch)])
+        for t in range(frames)
+    ]
+    return 0.9 * torch.stack(frames_, dim=2) + 0.3 * noise
