@@ -94,8 +94,12 @@ def evl_logits(visual, official, video, backbone_heads, decoder_heads, grid):
         if f"decoder.cross_attention.{i}.w1" in official:
             x = torch.zeros_like(f)
             qp, kp = q[:, :, 1:], k[:, :, 1:]
-            x[:, 1:, 1:] += _cross_term(qp[:, 1:], kp[:, :-1], official[f"decoder.cross_attention.{i}.w1"], grid)
-            x[:, :-1, 1:] += _cross_term(qp[:, :-1], kp[:, 1:], official[f"decoder.cross_attention.{i}.w2"], grid)
+            x[:, 1:, 1:] += _cross_term(
+                qp[:, 1:], kp[:, :-1], official[f"decoder.cross_attention.{i}.w1"], grid
+            )
+            x[:, :-1, 1:] += _cross_term(
+                qp[:, :-1], kp[:, 1:], official[f"decoder.cross_attention.{i}.w2"], grid
+            )
             m = m + x
         mem = m.flatten(1, 2)
         pre = f"decoder.decoder_layers.{i}"
@@ -106,10 +110,12 @@ def evl_logits(visual, official, video, backbone_heads, decoder_heads, grid):
         hq, hm = _ln(query, official, f"{pre}.norm1"), _ln(mem, official, f"{pre}.norm3")
         dh = c // decoder_heads
 
-        def split(z):
+        def split(z, dh=dh):
             return z.view(b, -1, decoder_heads, dh).transpose(1, 2)
 
-        a = _softmax_attention(split(lin(hq, "attn.q_proj")), split(lin(hm, "attn.k_proj")), split(lin(hm, "attn.v_proj")))
+        a = _softmax_attention(
+            split(lin(hq, "attn.q_proj")), split(lin(hm, "attn.k_proj")), split(lin(hm, "attn.v_proj"))
+        )
         query = query + lin(a.transpose(1, 2).reshape(b, 1, c), "attn.out_proj")
         h = _quick_gelu(lin(_ln(query, official, f"{pre}.norm2"), "mlp.fc1"))
         query = query + lin(h, "mlp.fc2")

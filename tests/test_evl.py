@@ -6,11 +6,10 @@ import dataclasses
 
 import pytest
 import torch
-from evl_oracle import evl_logits
-from factories import moving_video, random_official_decoder, random_openai_visual
 from safetensors.torch import load_file, save_file
 
 import evl
+from conftest import FIXTURES
 from evl.config import DecoderConfig, ModelConfig, VisionConfig
 from evl.models.evl import (
     EVL,
@@ -20,8 +19,8 @@ from evl.models.evl import (
     relative_position_index,
 )
 from evl.models.registry import load_official_checkpoint
-
-from conftest import FIXTURES
+from evl_oracle import evl_logits
+from factories import moving_video, random_official_decoder, random_openai_visual
 
 OFFICIAL = FIXTURES / "official_evl_tiny"
 
@@ -60,13 +59,15 @@ def test_official_fixture_logits(checkpoint):
 
 def test_official_fixture_intermediates():
     model = load_official_checkpoint(
-        OFFICIAL / "official_checkpoint.pth", OFFICIAL / "backbone_openai_visual.safetensors", backbone_heads=4
+        OFFICIAL / "official_checkpoint.pth",
+        OFFICIAL / "backbone_openai_visual.safetensors",
+        backbone_heads=4,
     )
     video = load_file(str(OFFICIAL / "input.safetensors"))["video"].transpose(1, 2)
     reference = load_file(str(OFFICIAL / "intermediates.safetensors"))
     with torch.no_grad():
         features = model.extract_features(video)
-        for i, (block, f) in enumerate(zip(model.blocks, features)):
+        for i, (block, f) in enumerate(zip(model.blocks, features, strict=True)):
             torch.testing.assert_close(f.out, reference[f"backbone_block{block}_out"], atol=5e-5, rtol=0)
             cross = model.decoder.cross_attention[i](f.q, f.k)
             torch.testing.assert_close(cross, reference[f"cross_attention_layer{i}"], atol=5e-5, rtol=0)
@@ -77,7 +78,9 @@ def test_official_fixture_intermediates():
 def test_oracle_reproduces_official_fixture():
     """The test oracle itself must match the official numbers before it judges other shapes."""
     visual = load_file(str(OFFICIAL / "backbone_openai_visual.safetensors"))
-    decoder = {k[len("module.") :]: v for k, v in load_file(str(OFFICIAL / "official_decoder.safetensors")).items()}
+    decoder = {
+        k[len("module.") :]: v for k, v in load_file(str(OFFICIAL / "official_decoder.safetensors")).items()
+    }
     video = load_file(str(OFFICIAL / "input.safetensors"))["video"]
     logits = evl_logits(visual, decoder, video, backbone_heads=4, decoder_heads=4, grid=(4, 4))
     expected = load_file(str(OFFICIAL / "expected.safetensors"))["logits"]
@@ -92,9 +95,13 @@ def test_oracle_reproduces_official_fixture():
         (80, 5, 2, 1, 2, 16, 48, ".pth"),  # one decoder layer, T=2
     ],
 )
-def test_official_import_other_shapes(tmp_path, width, heads, backbone_layers, decoder_layers, frames, patch, size, suffix):
+def test_official_import_other_shapes(
+    tmp_path, width, heads, backbone_layers, decoder_layers, frames, patch, size, suffix
+):
     grid = size // patch
-    visual = random_openai_visual(width=width, layers=backbone_layers, patch=patch, image_size=size, mlp=2 * width + 3)
+    visual = random_openai_visual(
+        width=width, layers=backbone_layers, patch=patch, image_size=size, mlp=2 * width + 3
+    )
     decoder = random_official_decoder(
         width=width, layers=decoder_layers, frames=frames, classes=7, grid=(grid, grid), mlp=3 * width
     )
@@ -104,7 +111,9 @@ def test_official_import_other_shapes(tmp_path, width, heads, backbone_layers, d
     video = moving_video(batch=2, frames=frames, size=size)
     with torch.no_grad():
         ours = model(video.transpose(1, 2))
-    expected = evl_logits(visual, decoder, video, backbone_heads=heads, decoder_heads=heads, grid=(grid, grid))
+    expected = evl_logits(
+        visual, decoder, video, backbone_heads=heads, decoder_heads=heads, grid=(grid, grid)
+    )
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
 
@@ -130,7 +139,9 @@ def test_official_import_without_a_temporal_module(tmp_path, disabled):
 
 
 def tiny_config(**decoder) -> ModelConfig:
-    vision = VisionConfig(width=32, layers=3, heads=2, patch_size=8, image_size=24, mlp_ratio=37 / 32, output_dim=16)
+    vision = VisionConfig(
+        width=32, layers=3, heads=2, patch_size=8, image_size=24, mlp_ratio=37 / 32, output_dim=16
+    )
     fields = dict(num_frames=4, num_layers=2, num_classes=5, mlp_dropout=0.0, head_dropout=0.0)
     return ModelConfig(backbone=vision, decoder=DecoderConfig(**{**fields, **decoder}), backbone_name="tiny")
 
@@ -139,7 +150,7 @@ def randomize_(model: EVL, seed: int = 0) -> EVL:
     """Overwrite zero-initialised tables so that every module contributes."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.decoder.named_parameters():
+        for p in model.decoder.parameters():
             if p.abs().sum() == 0:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return model
@@ -165,7 +176,7 @@ def test_binned_aggregation_equals_gather_with_gradient():
     upstream = torch.randn(fast.shape, generator=g)
     grads_fast = torch.autograd.grad(fast, (attn, weight), upstream)
     grads_slow = torch.autograd.grad(slow, (attn, weight), upstream)
-    for a, b in zip(grads_fast, grads_slow):
+    for a, b in zip(grads_fast, grads_slow, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -198,7 +209,9 @@ def test_temporal_order_matters_only_with_temporal_modules():
     with torch.no_grad():
         full = randomize_(EVL(tiny_config()).eval())
         assert (full(video) - full(reversed_video)).abs().max() > 1e-3
-        none = EVL(tiny_config(temporal_conv=False, temporal_pos_embed=False, temporal_cross_attention=False)).eval()
+        none = EVL(
+            tiny_config(temporal_conv=False, temporal_pos_embed=False, temporal_cross_attention=False)
+        ).eval()
         torch.testing.assert_close(none(video), none(reversed_video), atol=1e-5, rtol=1e-5)
 
 
@@ -238,7 +251,7 @@ def test_no_in_place_change_of_backbone_features():
         features = model.extract_features(torch.randn(1, 4, 3, 24, 24))
         before = [f.out.clone() for f in features]
         model.forward_head(features)
-    for a, f in zip(before, features):
+    for a, f in zip(before, features, strict=True):
         assert torch.equal(a, f.out)
 
 
@@ -284,10 +297,14 @@ def test_checkpoint_with_other_grid_is_a_clear_error(tmp_path):
 def test_state_with_other_classes_is_a_clear_error():
     model = EVL(tiny_config(num_classes=5))
     other = EVL(tiny_config(num_classes=9)).trainable_state_dict()
-    with pytest.raises(ValueError, match=r"head\.fc\.weight has shape \(9, 32\) but the model expects \(5, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"head\.fc\.weight has shape \(9, 32\) but the model expects \(5, 32\)"
+    ):
         model.load_trainable_state_dict(other)
     with pytest.raises(ValueError, match="missing"):
-        model.load_trainable_state_dict({k: v for k, v in model.trainable_state_dict().items() if "query" not in k})
+        model.load_trainable_state_dict(
+            {k: v for k, v in model.trainable_state_dict().items() if "query" not in k}
+        )
 
 
 def test_create_model_from_preset_and_random_backbone():

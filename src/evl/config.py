@@ -20,7 +20,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """A CLIP ViT image encoder (OpenAI layout: conv1, class/positional embedding, ln_pre, blocks, ln_post, proj)."""
+    """A CLIP ViT image encoder (OpenAI layout: conv1, embeddings, ln_pre, blocks, ln_post, proj)."""
 
     width: int = 768
     layers: int = 12
@@ -40,7 +40,8 @@ class VisionConfig:
             raise ValueError(f"VisionConfig: width {self.width} is not divisible by heads {self.heads}")
         if self.image_size % self.patch_size:
             raise ValueError(
-                f"VisionConfig: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+                f"VisionConfig: image_size {self.image_size} is not a multiple of "
+                f"patch_size {self.patch_size}"
             )
 
     @property

@@ -72,7 +72,11 @@ def _read_torchscript(path: Path) -> Tensors:
     except RuntimeError as err:
         raise WeightFormatError(f"{path}: damaged TorchScript archive ({str(err).splitlines()[0]})") from None
     # The three 0-dim integer entries of OpenAI's archives are not parameters.
-    return {k: v for k, v in module.state_dict().items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    return {
+        k: v
+        for k, v in module.state_dict().items()
+        if k not in ("input_resolution", "context_length", "vocab_size")
+    }
 
 
 def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
@@ -163,10 +167,22 @@ _HF_VISION_RENAMES: list[tuple[str, str]] = [
     (r"vision_model\.embeddings\.position_embedding\.weight", "positional_embedding"),
     (r"vision_model\.pre_layrnorm\.(weight|bias)", r"ln_pre.\1"),
     (r"vision_model\.post_layernorm\.(weight|bias)", r"ln_post.\1"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)", r"transformer.resblocks.\1.ln_1.\2"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)", r"transformer.resblocks.\1.ln_2.\2"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", r"transformer.resblocks.\1.mlp.c_fc.\2"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", r"transformer.resblocks.\1.mlp.c_proj.\2"),
+    (
+        r"vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)",
+        r"transformer.resblocks.\1.ln_1.\2",
+    ),
+    (
+        r"vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)",
+        r"transformer.resblocks.\1.ln_2.\2",
+    ),
+    (
+        r"vision_model\.encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)",
+        r"transformer.resblocks.\1.mlp.c_fc.\2",
+    ),
+    (
+        r"vision_model\.encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)",
+        r"transformer.resblocks.\1.mlp.c_proj.\2",
+    ),
     (
         r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)",
         r"transformer.resblocks.\1.attn.out_proj.\2",
@@ -179,7 +195,9 @@ _HF_VISION_RENAMES: list[tuple[str, str]] = [
 
 
 def _hf_vision_to_openai(state: Tensors, source: str) -> Tensors:
-    vision = {k: v for k, v in state.items() if k.startswith("vision_model.") and not k.endswith("position_ids")}
+    vision = {
+        k: v for k, v in state.items() if k.startswith("vision_model.") and not k.endswith("position_ids")
+    }
     out = apply_renames(vision, _HF_VISION_RENAMES, source)
     for prefix in sorted({k.rsplit(".attn.", 1)[0] for k in out if re.search(r"\.attn\.[qkv]_proj\.", k)}):
         for kind in ("weight", "bias"):
@@ -192,6 +210,9 @@ def _hf_vision_to_openai(state: Tensors, source: str) -> Tensors:
 
 def clip_visual_state_dict(state: Tensors, source: str = "checkpoint") -> Tensors:
     """The image encoder's tensors under OpenAI ``model.visual`` names (no ``visual.`` prefix)."""
+    if "embeddings.patch_embedding.weight" in state:
+        # transformers 5 saves a bare CLIPVisionModel without its ``vision_model.`` prefix.
+        state = {k if k.startswith("visual_projection") else f"vision_model.{k}": v for k, v in state.items()}
     if any(k.startswith("vision_model.") for k in state):
         return _hf_vision_to_openai(state, source)
     if any(k.startswith("visual.") for k in state):
@@ -289,13 +310,15 @@ def load_clip_vision(
         fields.update(_hf_vision_fields(info["hf_config"]))
     if "open_clip_config" in info:
         fields.update(_open_clip_fields(info["open_clip_config"]))
-    fields.update(heads=heads, activation=activation)
+    fields.update({k: v for k, v in {"heads": heads, "activation": activation}.items() if v is not None})
     config = infer_vision_config(visual, source, **fields)
     # OpenAI's archives are mixed precision (fp16 matmul weights): compute in float32 unless told otherwise.
     visual = {k: v.float() for k, v in visual.items()}
     if image_size is not None and image_size != config.image_size:
         if image_size % config.patch_size:
-            raise WeightFormatError(f"{source}: image size {image_size} is not a multiple of patch {config.patch_size}")
+            raise WeightFormatError(
+                f"{source}: image size {image_size} is not a multiple of patch {config.patch_size}"
+            )
         visual["positional_embedding"] = resize_positional_embedding(
             visual["positional_embedding"], image_size // config.patch_size
         )

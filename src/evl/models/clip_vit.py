@@ -109,22 +109,18 @@ class CLIPVisionTransformer(nn.Module):
         self.ln_pre = LayerNorm(width, eps=config.layer_norm_eps)
         self.transformer = Transformer(config)
         self.ln_post = LayerNorm(width, eps=config.layer_norm_eps)
-        self.proj = (
-            nn.Parameter(scale * torch.randn(width, config.output_dim)) if config.output_dim else None
-        )
+        self.proj = nn.Parameter(scale * torch.randn(width, config.output_dim)) if config.output_dim else None
 
-    # ----------------------------------------------------------------------------------------------- embedding
+    # ------------------------------------------------------------------------------------------- embedding
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"CLIP image encoder expects images [N, 3, H, W], got shape {tuple(x.shape)}")
         p = self.config.patch_size
         if x.shape[2] % p or x.shape[3] % p:
-            raise ValueError(
-                f"image size {x.shape[2]}x{x.shape[3]} is not a multiple of the patch size {p}"
-            )
+            raise ValueError(f"image size {x.shape[2]}x{x.shape[3]} is not a multiple of the patch size {p}")
 
     def positional_embedding_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """[1 + grid_h*grid_w, C]: the learned table, bicubically resized when the grid differs (as CLIP does)."""
+        """[1 + grid_h*grid_w, C]: the learned table, resized bicubically when the grid differs (as CLIP)."""
         pos = self.positional_embedding
         grid = self.config.grid_size
         if (grid_h, grid_w) == (grid, grid):
@@ -147,7 +143,7 @@ class CLIPVisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding_for(grid_h, grid_w).to(x.dtype)
         return self.ln_pre(x)
 
-    # ------------------------------------------------------------------------------------------------ forwards
+    # -------------------------------------------------------------------------------------------- forwards
     def forward_intermediates(self, x: torch.Tensor, blocks: Sequence[int]) -> list[BlockFeatures]:
         """Images [N, 3, H, W] -> one :class:`BlockFeatures` per requested block, in the order requested.
 

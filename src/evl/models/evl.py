@@ -110,7 +110,7 @@ class TemporalCrossAttention(nn.Module):
 
     def _term(self, q: torch.Tensor, k: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """q, k [B, T', P, H, Dh] (patches only) -> [B, T', P, C]."""
-        b, t, p, h, d = q.shape
+        b, t, p, _, d = q.shape
         q = q.transpose(2, 3).float() * d**-0.5  # [B, T', H, P, Dh]
         k = k.transpose(2, 3).float()
         attn = (q @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=2)  # [B, T', P, P], heads averaged
@@ -211,7 +211,9 @@ class EVLDecoder(nn.Module):
         m = config.num_layers
         # NOTE(ref): the official initialiser of the query is never called, so it starts at zero.
         self.query = nn.Parameter(torch.zeros(width))
-        self.temporal_conv = nn.ModuleList(TemporalConv(width) for _ in range(m)) if config.temporal_conv else None
+        self.temporal_conv = (
+            nn.ModuleList(TemporalConv(width) for _ in range(m)) if config.temporal_conv else None
+        )
         self.temporal_pos_embed = (
             nn.ModuleList(TemporalPosEmbed(config.num_frames, width) for _ in range(m))
             if config.temporal_pos_embed
@@ -223,7 +225,8 @@ class EVLDecoder(nn.Module):
             else None
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(width, config.num_heads or heads, config.mlp_ratio, config.mlp_dropout) for _ in range(m)
+            DecoderLayer(width, config.num_heads or heads, config.mlp_ratio, config.mlp_dropout)
+            for _ in range(m)
         )
 
     def frame_features(self, i: int, features: BlockFeatures) -> torch.Tensor:
@@ -279,6 +282,10 @@ def resolve_backbone_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown backbone dtype {name!r}; expected auto, {', '.join(_DTYPES)}") from None
 
 
+def _preview(keys: list[str], limit: int = 5) -> str:
+    return str(keys[:limit]) + ("..." if len(keys) > limit else "")
+
+
 class EVL(nn.Module):
     """Video classifier: videos [B, T, 3, H, W] (normalised) -> logits [B, num_classes]."""
 
@@ -306,7 +313,7 @@ class EVL(nn.Module):
             self.backbone.eval()  # a frozen backbone never leaves eval mode
         return self
 
-    # ------------------------------------------------------------------------------------------ input
+    # ----------------------------------------------------------------------------------------------- input
     def check_input(self, video: torch.Tensor) -> None:
         if video.ndim != 5 or video.shape[2] != 3:
             raise ValueError(f"EVL expects videos [B, T, 3, H, W], got shape {tuple(video.shape)}")
@@ -322,7 +329,7 @@ class EVL(nn.Module):
                 f"this model takes {size}x{size} frames, got {video.shape[-2]}x{video.shape[-1]}"
             )
 
-    # --------------------------------------------------------------------------------------- forwards
+    # -------------------------------------------------------------------------------------------- forwards
     def _backbone_context(self, device: torch.device) -> contextlib.AbstractContextManager:
         dtype = resolve_backbone_dtype(self.config.backbone_dtype, device)
         if dtype == torch.float32:
@@ -345,7 +352,7 @@ class EVL(nn.Module):
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.extract_features(video))
 
-    # ------------------------------------------------------------------------------------------ state
+    # ----------------------------------------------------------------------------------------------- state
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
 
@@ -356,20 +363,22 @@ class EVL(nn.Module):
             state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
         return state
 
-    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-        """Strict load of :meth:`trainable_state_dict` with one-line errors for missing/unexpected/misshapen keys."""
+    def load_trainable_state_dict(
+        self, state: Mapping[str, torch.Tensor], source: str = "checkpoint"
+    ) -> None:
+        """Strict load of :meth:`trainable_state_dict`, with one-line errors for mismatched keys or shapes."""
         own = self.trainable_state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
             raise ValueError(
-                f"{source} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+                f"{source} does not match the model: missing {_preview(missing)}, "
+                f"unexpected {_preview(unexpected)}"
             )
         for key, value in state.items():
             if tuple(value.shape) != tuple(own[key].shape):
                 raise ValueError(
-                    f"{source}: {key} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}"
-                    " (different width, frame count or number of classes?)"
+                    f"{source}: {key} has shape {tuple(value.shape)} but the model expects "
+                    f"{tuple(own[key].shape)} (different width, frame count or number of classes?)"
                 )
         self.load_state_dict(state, strict=False)

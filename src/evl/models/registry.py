@@ -43,7 +43,8 @@ def find_local_weights(name: str) -> Path:
     file_name = OPENAI_FILE_NAMES.get(name)
     if file_name is None:
         raise OfflineWeightsError(
-            f"no pretrained weights are published for {name!r}; use 'random:{name}' for a random-init backbone"
+            f"no pretrained weights are published for {name!r}; "
+            f"use 'random:{name}' for a random-init backbone"
         )
     for folder in weight_search_dirs():
         if (folder / file_name).is_file():
@@ -144,7 +145,8 @@ def load_official_checkpoint(
         if rows != expected:
             raise ValueError(
                 f"{checkpoint}: cross-attention tables have {rows} offsets, the backbone's "
-                f"{vision.grid_size}x{vision.grid_size} grid needs {expected} (different image size or patch?)"
+                f"{vision.grid_size}x{vision.grid_size} grid needs {expected} "
+                "(different image size or patch?)"
             )
     decoder = DecoderConfig(**{**fields, **decoder_overrides})
     config = ModelConfig(backbone=vision, decoder=decoder, backbone_name=backbone_name)

@@ -1,0 +1,38 @@
+"""FLOP counts against the EVL paper's tables (1 multiply-add = 1 FLOP), counted on meta tensors."""
+
+from __future__ import annotations
+
+import pytest
+
+from evl.config import model_preset
+from evl.flops import count_flops
+
+
+@pytest.mark.parametrize(
+    "preset,views,paper_gflops",
+    [
+        ("evl-b16", 3, 444),  # Table 1: B/16, 8 frames, 4 decoder layers, 1x3 views
+        ("evl-l14", 3, 2022),  # Table 1: L/14, 8 frames
+        ("evl-b16-ssv2", 3, 512),  # Table 9: SSv2, B/16, 8 frames, 12 decoder layers
+    ],
+)
+def test_flops_match_the_paper_within_5_percent(preset, views, paper_gflops):
+    report = count_flops(model_preset(preset, num_frames=8), num_views=views)
+    assert abs(report.total_gflops / paper_gflops - 1) < 0.05, report.to_dict()
+
+
+def test_backbone_is_most_of_the_cost_and_scales_with_frames():
+    eight = count_flops(model_preset("evl-b16", num_frames=8))
+    sixteen = count_flops(model_preset("evl-b16", num_frames=16))
+    # Paper: the decoder adds under 20% to the backbone.
+    assert eight.decoder_gflops < 0.2 * eight.backbone_gflops
+    assert sixteen.backbone_gflops == pytest.approx(2 * eight.backbone_gflops, rel=1e-6)
+    # ViT-B/16 at 224 px is about 17.6 G multiply-adds per frame.
+    assert eight.backbone_gflops / 8 == pytest.approx(17.56, rel=0.01)
+
+
+def test_disabling_decoder_layers_reduces_flops():
+    full = count_flops(model_preset("evl-b16", num_layers=4))
+    lighter = count_flops(model_preset("evl-b16", num_layers=2))
+    assert lighter.decoder_gflops < full.decoder_gflops
+    assert lighter.backbone_gflops < full.backbone_gflops + 1e-9
