@@ -1,0 +1,203 @@
+"""Video-level metrics, score files and score ensembling.
+
+Pure functions over numpy arrays (torch tensors are accepted and converted). Scores are ``[N, C]``: one
+row per video, one column per class; labels are ``[N]`` integers. Accuracies are in percent.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from evl.engine.checkpoint import atomic_write_text
+
+
+def _numpy(x: Any, dtype: Any = None) -> np.ndarray:
+    """A numpy view of an array-like or (CPU or GPU) tensor."""
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.element_size() < 4:  # numpy has no bfloat16
+            x = x.float()
+        x = x.numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def _check_scores(scores: np.ndarray, labels: np.ndarray, name: str) -> None:
+    if scores.ndim != 2 or labels.shape != (scores.shape[0],):
+        raise ValueError(f"{name}: expected scores [N, C] and labels [N], got {scores.shape}, {labels.shape}")
+
+
+def average_views(logits: Any, mode: str = "prob") -> np.ndarray:
+    """Merge the views of each video: ``[N, V, C]`` -> ``[N, C]``.
+
+    ``"prob"``: softmax over classes, then mean over views (official EVL and mmaction2 behaviour);
+    ``"logit"``: mean of the raw logits.
+    """
+    x = _numpy(logits, np.float64)
+    if x.ndim != 3:
+        raise ValueError(f"average_views: expected [N, V, C], got shape {x.shape}")
+    if mode == "logit":
+        return x.mean(axis=1)
+    if mode != "prob":
+        raise ValueError(f"average_views: mode must be 'prob' or 'logit', got {mode!r}")
+    x = np.exp(x - x.max(axis=-1, keepdims=True))  # shifted for numerical stability
+    return (x / x.sum(axis=-1, keepdims=True)).mean(axis=1)
+
+
+def label_ranks(scores: Any, labels: Any) -> np.ndarray:
+    """0-based rank of each true label among the classes, ``[N, C]`` x ``[N]`` -> ``[N]``.
+
+    Ties are broken towards the lower class index, as ``argmax`` does, so rank 0 means "the argmax
+    prediction is right" and top-k and the confusion matrix agree on tied scores.
+    """
+    scores, labels = _numpy(scores, np.float64), _numpy(labels, np.int64)
+    _check_scores(scores, labels, "label_ranks")
+    rows = np.arange(len(labels))
+    target = scores[rows, labels][:, None]  # [N, 1]
+    lower_index = np.arange(scores.shape[1])[None, :] < labels[:, None]  # [N, C]
+    return ((scores > target) | ((scores == target) & lower_index)).sum(axis=1)
+
+
+def topk_accuracy(scores: Any, labels: Any, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """``{"top1": ..., "top5": ...}`` in percent; a k larger than the class count counts every video right.
+
+    NaN when there are no videos.
+    """
+    ranks = label_ranks(scores, labels)
+    if len(ranks) == 0:
+        return {f"top{k}": float("nan") for k in ks}
+    return {f"top{k}": float(100.0 * np.mean(ranks < k)) for k in ks}
+
+
+def mean_class_accuracy(scores: Any, labels: Any, num_classes: int) -> float:
+    """Mean over the classes present in ``labels`` of the per-class recall, in percent."""
+    scores, labels = _numpy(scores, np.float64), _numpy(labels, np.int64)
+    _check_scores(scores, labels, "mean_class_accuracy")
+    if len(labels) == 0:
+        return float("nan")
+    cm = confusion_matrix(scores.argmax(axis=1), labels, num_classes)
+    support = cm.sum(axis=1)
+    present = support > 0  # a class with no video has no recall; averaging a 0 in would be wrong
+    return float(100.0 * np.mean(np.diag(cm)[present] / support[present]))
+
+
+def confusion_matrix(preds: Any, labels: Any, num_classes: int) -> np.ndarray:
+    """int64 ``[C, C]`` counts; rows are true classes, columns predicted ones."""
+    preds, labels = _numpy(preds, np.int64).ravel(), _numpy(labels, np.int64).ravel()
+    if preds.shape != labels.shape:
+        raise ValueError(f"confusion_matrix: {preds.shape[0]} predictions for {labels.shape[0]} labels")
+    for name, values in (("preds", preds), ("labels", labels)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(
+                f"confusion_matrix: {name} outside [0, {num_classes}): {values.min()}, {values.max()}"
+            )
+    flat = np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Summary of one evaluation; accuracies in percent."""
+
+    top1: float
+    top5: float
+    mean_class_accuracy: float
+    num_videos: int
+    num_skipped: int = 0
+
+    @classmethod
+    def from_scores(cls, scores: Any, labels: Any, num_classes: int, num_skipped: int = 0) -> EvalResult:
+        """Compute every field from video-level ``scores`` [N, C] and ``labels`` [N]."""
+        topk = topk_accuracy(scores, labels, ks=(1, 5))
+        return cls(
+            top1=topk["top1"],
+            top5=topk["top5"],
+            mean_class_accuracy=mean_class_accuracy(scores, labels, num_classes),
+            num_videos=len(_numpy(labels)),
+            num_skipped=num_skipped,
+        )
+
+    def to_dict(self) -> dict[str, float | int]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Score files and ensembling
+
+
+class ScoreFile(NamedTuple):
+    """Contents of a score file: video paths, labels ``[N]`` and scores ``[N, C]``."""
+
+    paths: list[str]
+    labels: np.ndarray
+    scores: np.ndarray
+
+
+def write_scores(path: str | Path, video_paths: Sequence[str], labels: Any, scores: Any) -> Path:
+    """Write per-video scores as CSV ``path,label,score_0..score_{C-1}`` (atomically).
+
+    Floats are written with ``repr``, which reads back bit-exact.
+    """
+    labels, scores = _numpy(labels, np.int64), _numpy(scores, np.float64)
+    _check_scores(scores, labels, "write_scores")
+    if len(video_paths) != len(labels):
+        raise ValueError(f"write_scores: {len(video_paths)} paths for {len(labels)} labels")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "label", *(f"score_{c}" for c in range(scores.shape[1]))])
+    for video, label, row in zip(video_paths, labels, scores, strict=True):
+        writer.writerow([str(video), int(label), *(repr(float(s)) for s in row)])
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def read_scores(path: str | Path) -> ScoreFile:
+    """Read a file written by :func:`write_scores`."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0][:2] != ["path", "label"]:
+        raise ValueError(f"{path}: not a score file (expected a header 'path,label,score_0,...')")
+    num_classes = len(rows[0]) - 2
+    body = rows[1:]
+    for line, row in enumerate(body, start=2):
+        if len(row) != num_classes + 2:
+            raise ValueError(f"{path}:{line}: expected {num_classes + 2} fields, got {len(row)}")
+    labels = np.array([int(row[1]) for row in body], dtype=np.int64)
+    scores = np.array([[float(v) for v in row[2:]] for row in body], dtype=np.float64)
+    return ScoreFile([row[0] for row in body], labels, scores.reshape(len(body), num_classes))
+
+
+def ensemble_scores(scores: Sequence[Any], weights: Sequence[float] | None = None) -> np.ndarray:
+    """Weighted average of several ``[N, C]`` score arrays (equal weights by default)."""
+    arrays = [_numpy(s, np.float64) for s in scores]
+    if not arrays or any(a.shape != arrays[0].shape for a in arrays):
+        shapes = [a.shape for a in arrays]
+        raise ValueError(f"ensemble_scores: need one or more arrays of one shape, got {shapes}")
+    w = np.ones(len(arrays)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(arrays),) or w.sum() <= 0:
+        raise ValueError(f"ensemble_scores: need {len(arrays)} weights with a positive sum, got {weights}")
+    return np.tensordot(w / w.sum(), np.stack(arrays), axes=1)
+
+
+def search_ensemble_weight(
+    scores_a: Any, scores_b: Any, labels: Any, step: float = 0.1
+) -> tuple[float, float]:
+    """Grid-search ``w`` in [0, 1] maximising the top-1 of ``w * a + (1 - w) * b``.
+
+    Returns ``(w, top1)``; on a tie the smallest ``w`` wins. The paper searches steps of 0.1 on the
+    validation set; use held-out data, since the top-1 found here is optimistic.
+    """
+    if not 0 < step <= 1:
+        raise ValueError(f"search_ensemble_weight: step must be in (0, 1], got {step}")
+    a, b = _numpy(scores_a, np.float64), _numpy(scores_b, np.float64)
+    # linspace, not arange: accumulating 0.1 would give 0.30000000000000004 and might skip 1.0.
+    grid = np.linspace(0.0, 1.0, round(1.0 / step) + 1)
+    top1 = [topk_accuracy(w * a + (1.0 - w) * b, labels, ks=(1,))["top1"] for w in grid]
+    best = int(np.argmax(top1))
+    return float(grid[best]), float(top1[best])
