@@ -194,3 +194,93 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
     backbone = _from_fields(VisionConfig, data.pop("backbone"))
     decoder = _from_fields(DecoderConfig, data.pop("decoder"))
     return _from_fields(ModelConfig, {**data, "backbone": backbone, "decoder": decoder})
+
+
+# ------------------------------------------------------------------------------------------ run configs
+# A training run is described by four sections, each a frozen dataclass; YAML recipes in configs/ and
+# ``--set section.key=value`` overrides fill them (see evl.recipes). ``decoder.num_frames`` and
+# ``decoder.num_classes`` are not set by hand: they follow ``data.num_frames`` and the class list.
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which CLIP image encoder to use and how to run it."""
+
+    name: str = "ViT-B/16"  # a preset with local weights, a checkpoint path, or random:PRESET
+    heads: int | None = None  # override for checkpoints whose head count is not width // 64
+    freeze: bool = True
+    dtype: str = "auto"  # compute dtype of the frozen backbone: auto | float32 | float16 | bfloat16
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where videos come from and how clips are cut and augmented."""
+
+    data_root: str | None = None
+    train_list: str | None = None
+    val_list: str | None = None
+    classes: str | None = None  # classes.txt (one per line) or a JSON list
+    sampling: str = "dense"  # dense (strided clip) | segment (TSN: one frame per segment)
+    num_frames: int = 8
+    frame_stride: int = 16
+    num_temporal_views: int = 1  # evaluation views along time
+    num_spatial_views: int = 1  # evaluation crops: 1 (centre) or 3
+    flip: bool = True
+    flip_label_map: str | None = None  # JSON file {"class a": "class b", ...} for direction-sensitive labels
+    rand_augment: str | None = "rand-m7-n4-mstd0.5-inc1"
+    train_scale: tuple[float, float] = (0.08, 1.0)
+    num_workers: int = 2
+    on_bad_video: str = "skip"  # skip (counted, logged to the run directory) | error
+
+    def __post_init__(self) -> None:
+        if self.sampling not in ("dense", "segment"):
+            raise ValueError(f"data.sampling must be 'dense' or 'segment', got {self.sampling!r}")
+        if self.on_bad_video not in ("skip", "error"):
+            raise ValueError(f"data.on_bad_video must be 'skip' or 'error', got {self.on_bad_video!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation schedule. Steps, not epochs, as the official EVL trainer."""
+
+    steps: int = 50_000
+    batch_size: int = 256  # global batch per optimiser step
+    batch_split: int = 1  # gradient accumulation: micro-batches per step
+    lr: float = 4e-4
+    weight_decay: float = 0.05
+    decay_all: bool = False  # True: decay every parameter, as the official code does
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    precision: str = (
+        "auto"  # decoder autocast: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    )
+    eval_every: int = 1000
+    save_every: int = 1000
+    log_every: int = 10
+    keep_last: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.batch_split < 1:
+            raise ValueError("train.steps, train.batch_size and train.batch_split must be >= 1")
+        if self.batch_size % self.batch_split:
+            raise ValueError(
+                f"train.batch_size {self.batch_size} is not divisible by train.batch_split {self.batch_split}"
+            )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Inverse of :func:`to_dict` for a :class:`RunConfig` (unknown sections or fields are errors)."""
+    sections = {"backbone": BackboneSpec, "decoder": DecoderConfig, "data": DataConfig, "train": TrainConfig}
+    unknown = set(data) - set(sections)
+    if unknown:
+        raise ValueError(f"RunConfig: unknown sections {sorted(unknown)}; expected {sorted(sections)}")
+    return RunConfig(**{name: _from_fields(cls, data.get(name, {})) for name, cls in sections.items()})
