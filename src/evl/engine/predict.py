@@ -1,0 +1,81 @@
+"""Predicting the classes of one's own videos with a trained run: ``evl.load(RUN_DIR).predict(path)``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evl.engine.evaluate import eval_sampling
+from evl.engine.metrics import average_views
+from evl.engine.run import LoadedRun, load_run
+from evl.video.dataset import load_clips
+from evl.video.transforms import TransformConfig, build_eval_transform
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: str
+    classes: list[str]  # top-k, best first
+    probabilities: list[float]
+    labels: list[int]
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "predictions": [
+                {"label": i, "class": c, "probability": p}
+                for i, c, p in zip(self.labels, self.classes, self.probabilities, strict=True)
+            ],
+        }
+
+
+def expand_video_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given; folders contribute their video files (recursively, sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in VIDEO_SUFFIXES and f.is_file())
+        else:
+            out.append(p)
+    return out
+
+
+class Predictor:
+    """A trained run ready to classify video files (views and preprocessing as the run evaluates)."""
+
+    def __init__(self, run: LoadedRun) -> None:
+        self.run = run
+        self.model = run.model
+        self.classes = run.classes
+        data = run.run.data
+        self.sampling = eval_sampling(data)
+        self.transform = build_eval_transform(
+            TransformConfig.from_backbone(
+                self.model.config.backbone, num_spatial_views=data.num_spatial_views
+            )
+        )
+
+    @torch.no_grad()
+    def probabilities(self, path: str | Path) -> torch.Tensor:
+        """Class probabilities [C] of one video (softmax averaged over views)."""
+        clips = load_clips(Path(path), self.sampling, rng=None)
+        views = torch.cat([self.transform(clip) for clip in clips])  # [V, T, 3, S, S]
+        device = next(self.model.decoder.parameters()).device
+        logits = self.model(views.to(device)).float().cpu()
+        return torch.from_numpy(average_views(logits[None], mode="prob")[0])
+
+    def predict(self, path: str | Path, topk: int = 5) -> Prediction:
+        probs = self.probabilities(path)
+        values, indices = probs.topk(min(topk, probs.numel()))
+        labels = indices.tolist()
+        return Prediction(str(path), [self.classes[i] for i in labels], values.tolist(), labels)
+
+
+def load(run_dir: str | Path, device: str | None = None) -> Predictor:
+    """Load a run directory for prediction: ``evl.load("runs/k400").predict("clip.mp4")``."""
+    return Predictor(load_run(run_dir, device=device))
