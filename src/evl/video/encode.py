@@ -25,7 +25,9 @@ def write_video(
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"write_video: expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+        raise ValueError(
+            f"write_video: expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if lossless:
@@ -41,7 +43,9 @@ def write_video(
         stream.pix_fmt = pix_fmt
         stream.options = options
         for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+            for packet in stream.encode(
+                av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            ):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
