@@ -1,24 +1,284 @@
-"""The ``evl`` command line. Thin: each sub-command parses flags and calls an engine function."""
+"""The ``evl`` command line. Thin: each sub-command parses flags and calls an engine function.
+
+Errors a user can fix (a malformed list, a missing file, a bad flag) print one line and exit with 2;
+nothing a user did should end in a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+
+from evl.engine.checkpoint import CheckpointError
+from evl.recipes import RecipeError
+from evl.video.decode import VideoDecodeError
+from evl.video.lists import ListFileError
+from evl.weights import WeightFormatError
+
+USER_ERRORS = (
+    RecipeError,
+    ListFileError,
+    VideoDecodeError,
+    WeightFormatError,
+    CheckpointError,
+    FileNotFoundError,
+    ValueError,
+)
+
+# Plain flags of `evl train`: (flag, run-config field, type, help).
+TRAIN_FLAGS = [
+    ("--data-root", "data.data_root", str, "folder the list files' paths are relative to"),
+    ("--train-list", "data.train_list", str, "training list: 'relpath label' per line, or CSV"),
+    ("--val-list", "data.val_list", str, "validation list"),
+    ("--classes", "data.classes", str, "class names: classes.txt (one per line) or a JSON list"),
+    (
+        "--backbone",
+        "backbone.name",
+        str,
+        "CLIP weights: a path, a preset with local weights, or random:PRESET",
+    ),
+    ("--backbone-heads", "backbone.heads", int, "attention heads, for checkpoints not using width // 64"),
+    ("--num-frames", "data.num_frames", int, "frames per clip"),
+    ("--frame-stride", "data.frame_stride", int, "frames between sampled frames (dense sampling)"),
+    ("--sampling", "data.sampling", str, "dense | segment (TSN)"),
+    ("--steps", "train.steps", int, "optimiser steps"),
+    ("--batch-size", "train.batch_size", int, "clips per optimiser step"),
+    ("--batch-split", "train.batch_split", int, "micro-batches per step (gradient accumulation)"),
+    ("--lr", "train.lr", float, "peak learning rate"),
+    ("--weight-decay", "train.weight_decay", float, "AdamW weight decay"),
+    ("--warmup-steps", "train.warmup_steps", int, "linear warm-up steps"),
+    ("--precision", "train.precision", str, "decoder autocast: auto | float32 | bfloat16 | float16"),
+    ("--eval-every", "train.eval_every", int, "validate every N steps"),
+    ("--save-every", "train.save_every", int, "checkpoint every N steps"),
+    ("--seed", "train.seed", int, "seed of data order, augmentation and initialisation"),
+    ("--num-workers", "data.num_workers", int, "data-loader processes"),
+    ("--on-bad-video", "data.on_bad_video", str, "skip | error"),
+    ("--decoder-layers", "decoder.num_layers", int, "decoder depth (reads the last N backbone blocks)"),
+]
+ABLATION_FLAGS = [
+    ("--no-temporal-conv", "decoder.temporal_conv"),
+    ("--no-temporal-pos-embed", "decoder.temporal_pos_embed"),
+    ("--no-temporal-cross-attention", "decoder.temporal_cross_attention"),
+    ("--no-flip", "data.flip"),
+]
+
+
+def _dest(field: str) -> str:
+    return field.replace(".", "__")
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train an EVL decoder on a frozen CLIP backbone")
+    p.add_argument("--config", help="YAML recipe: a path or a shipped name such as k400_b16_8f")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
+    p.add_argument(
+        "--output-dir", required=True, help="run directory (created; resumed when it has checkpoints)"
+    )
+    p.add_argument(
+        "--resume", default="auto", help="auto (latest good checkpoint), none, or a checkpoint path"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for flag, field, type_, help_ in TRAIN_FLAGS:
+        p.add_argument(flag, dest=_dest(field), type=type_, help=help_)
+    for flag, field in ABLATION_FLAGS:
+        p.add_argument(
+            flag, dest=_dest(field), action="store_const", const=False, help=f"set {field} to false"
+        )
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from evl.engine.train import train
+    from evl.recipes import build_run_config
+
+    flags = {field: getattr(args, _dest(field)) for _, field, _, _ in TRAIN_FLAGS}
+    flags |= {field: getattr(args, _dest(field)) for _, field in ABLATION_FLAGS}
+    run = build_run_config(args.config, args.set, **flags)
+    resume = None if args.resume == "none" else args.resume
+    result = train(run, args.output_dir, resume=resume, device=args.device, progress=not args.quiet)
+    summary = {"run_dir": str(result.run_dir), "step": result.step, "final_loss": result.final_loss}
+    if result.evaluation is not None:
+        summary["val"] = result.evaluation.result.to_dict()
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a run on a list of videos (multi-view)")
+    p.add_argument("run_dir")
+    p.add_argument("--val-list", help="list to evaluate (default: the run's validation list)")
+    p.add_argument("--data-root", help="folder the list's paths are relative to (default: the run's)")
+    p.add_argument("--num-temporal-views", type=int)
+    p.add_argument("--num-spatial-views", type=int, choices=(1, 3))
+    p.add_argument("--batch-size", type=int, default=4, help="videos per forward pass")
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--output", help="metrics JSON (top1, top5, mean_class_accuracy, num_videos, ...)")
+    p.add_argument("--out-dir", help="where scores.csv and confusion_matrix.png go (default: RUN_DIR/eval)")
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from evl.engine.evaluate import evaluate, write_evaluation
+    from evl.engine.run import load_run
+    from evl.video.lists import read_list
+
+    loaded = load_run(args.run_dir, device=args.device)
+    data = loaded.run.data
+    changes = {
+        "val_list": args.val_list,
+        "data_root": args.data_root,
+        "num_temporal_views": args.num_temporal_views,
+        "num_spatial_views": args.num_spatial_views,
+        "num_workers": args.num_workers,
+    }
+    data = dataclasses.replace(data, **{k: v for k, v in changes.items() if v is not None})
+    if data.val_list is None:
+        raise ValueError("no list to evaluate: pass --val-list")
+    entries = read_list(data.val_list, num_classes=len(loaded.classes), data_root=data.data_root)
+    evaluation = evaluate(loaded.model, entries, data, batch_size=args.batch_size, progress=not args.quiet)
+    out_dir = Path(args.out_dir) if args.out_dir else loaded.run_dir / "eval"
+    write_evaluation(evaluation, out_dir, loaded.classes, Path(args.output) if args.output else None)
+    result = evaluation.result
+    print(
+        f"top1 {result.top1:.2f}  top5 {result.top5:.2f}  mean class {result.mean_class_accuracy:.2f}  "
+        f"({result.num_videos} videos, {result.num_skipped} skipped; views "
+        f"{data.num_temporal_views}x{data.num_spatial_views}; scores in {out_dir / 'scores.csv'})"
+    )
+    for path, reason in evaluation.failed:
+        print(f"skipped: {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify video files with a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("videos", nargs="+", help="video files or folders")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON object per video")
+    p.add_argument("--device")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from evl.engine.predict import expand_video_paths, load
+
+    predictor = load(args.run_dir, device=args.device)
+    paths = expand_video_paths(args.videos)
+    if not paths:
+        raise FileNotFoundError(f"no video files in {' '.join(args.videos)}")
+    failures = 0
+    for path in paths:
+        try:
+            prediction = predictor.predict(path, topk=args.topk)
+        except VideoDecodeError as err:
+            failures += 1
+            print(json.dumps({"path": str(path), "error": str(err)}) if args.json else f"error: {err}")
+            continue
+        if args.json:
+            print(json.dumps(prediction.to_dict()))
+        else:
+            print(path)
+            for name, prob in zip(prediction.classes, prediction.probabilities, strict=True):
+                print(f"  {prob * 100:6.2f}%  {name}")
+    return 1 if failures == len(paths) else 0
+
+
+def _add_synth_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write a synthetic dataset of moving shapes (real mp4 files)")
+    p.add_argument("out_dir")
+    p.add_argument("--task", default="motion", choices=("motion", "shapes", "mixed"))
+    p.add_argument("--train-per-class", type=int, default=32)
+    p.add_argument("--val-per-class", type=int, default=8)
+    p.add_argument("--num-frames", type=int, default=32)
+    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from evl.synth import make_dataset
+
+    ds = make_dataset(
+        args.out_dir,
+        task=args.task,
+        num_train_per_class=args.train_per_class,
+        num_val_per_class=args.val_per_class,
+        num_frames=args.num_frames,
+        size=args.size,
+        seed=args.seed,
+        workers=args.workers,
+    )
+    print(f"wrote {ds.num_classes} classes to {ds.root}: {ds.train_list}, {ds.val_list}, {ds.classes_file}")
+    return 0
+
+
+def _add_flops_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("flops", help="GFLOPs of a model configuration (papers' convention)")
+    p.add_argument("--model", default="evl-b16", help="model preset, e.g. evl-b16, evl-l14, evl-b16-ssv2")
+    p.add_argument("--num-frames", type=int, default=8)
+    p.add_argument("--views", type=int, default=3)
+    p.set_defaults(func=_cmd_flops)
+
+
+def _cmd_flops(args: argparse.Namespace) -> int:
+    from evl.config import model_preset
+    from evl.flops import count_flops
+
+    report = count_flops(model_preset(args.model, num_frames=args.num_frames), num_views=args.views)
+    print(json.dumps({"model": args.model, "num_frames": args.num_frames, **report.to_dict()}, indent=2))
+    return 0
+
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="offline end-to-end demo on synthetic videos (minutes on a CPU)")
+    p.add_argument("--output-dir", default="demo_run")
+    p.add_argument("--steps", type=int, help="override the demo's training steps")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    print("evl demo: not yet available (the data pipeline and training loop land next).")
+    from evl.demo import run_demo
+
+    run_demo(Path(args.output_dir), steps=args.steps, progress=not args.quiet)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evl", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="evl", description="Video recognition on frozen CLIP image encoders."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="offline end-to-end demo on synthetic videos")
-    demo.set_defaults(func=_cmd_demo)
+    for add in (
+        _add_train_parser,
+        _add_eval_parser,
+        _add_predict_parser,
+        _add_synth_parser,
+        _add_flops_parser,
+        _add_demo_parser,
+    ):
+        add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        if os.environ.get("EVL_DEBUG"):
+            raise
+        print(f"evl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"evl {args.command}: interrupted", file=sys.stderr)
+        return 130

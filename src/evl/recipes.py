@@ -305,7 +305,19 @@ def load_recipe(path: str | Path) -> Recipe:
     Raises :class:`RecipeError` for a missing or unreadable file, invalid YAML (with its line), an unknown
     section or field (with the closest valid name), a value of the wrong type, or a ``_base_`` cycle.
     """
-    return _load(Path(path), ())
+    return _load(find_recipe(path), ())
+
+
+RECIPE_DIR = Path(__file__).parent / "configs"
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: the path itself when it exists, else a recipe shipped with evl (``k400_b16_8f``)."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix:
+        return path
+    shipped = RECIPE_DIR / f"{path.name}.yaml"
+    return shipped if shipped.is_file() else path
 
 
 # ------------------------------------------------------------------------------------------ overrides

@@ -23,7 +23,15 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from evl.config import ModelConfig, RunConfig, model_config_from_dict, run_config_from_dict, to_dict
+from evl.config import (
+    VISION_PRESETS,
+    ModelConfig,
+    RunConfig,
+    model_config_from_dict,
+    run_config_from_dict,
+    to_dict,
+    vision_preset,
+)
 from evl.engine.checkpoint import atomic_path, atomic_write_text, load_checkpoint
 from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.evl import EVL
@@ -49,7 +57,10 @@ def build_backbone(run: RunConfig, run_dir: Path) -> tuple[CLIPVisionTransformer
     """The run's backbone; a random-init one is saved into the run so later commands get the same one."""
     saved = run_dir / BACKBONE_FILE
     if saved.is_file():
-        return create_backbone(saved, heads=run.backbone.heads)
+        name = run.backbone.name.removeprefix("random:")
+        heads = run.backbone.heads or (vision_preset(name).heads if name in VISION_PRESETS else None)
+        module, _ = create_backbone(saved, heads=heads)
+        return module, name
     module, name = create_backbone(run.backbone.name, heads=run.backbone.heads)
     if run.backbone.name.startswith("random:"):
         with atomic_path(saved) as tmp:
