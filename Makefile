@@ -15,8 +15,8 @@ test-all: install
 	$(PYTHON) -m pytest -q -m ""
 
 lint: install
-	$(PYTHON) -m ruff check src tests
-	$(PYTHON) -m ruff format --check src tests
+	$(PYTHON) -m ruff check src tests benchmarks
+	$(PYTHON) -m ruff format --check src tests benchmarks
 
 demo: install
 	$(PYTHON) -m evl demo

@@ -62,7 +62,17 @@ def test_train_eval_predict(dataset, tmp_path, capsys):
         assert (run_dir / name).is_file(), name
 
     metrics = tmp_path / "metrics.json"
-    assert main(["eval", str(run_dir), "--output", str(metrics), "--num-temporal-views", "2", "--quiet"]) == 0
+    eval_args = [
+        "eval",
+        str(run_dir),
+        "--output",
+        str(metrics),
+        "--num-temporal-views",
+        "2",
+        "--num-workers",
+        "2",
+    ]
+    assert main([*eval_args, "--quiet"]) == 0
     result = json.loads(metrics.read_text())
     assert {"top1", "top5", "mean_class_accuracy", "num_videos"} <= set(result)
     # Every video counted exactly once, and the accuracy equals a hand count over the score file.
@@ -120,3 +130,22 @@ def test_resume_after_kill_finishes(dataset, tmp_path):
     assert 1 <= killed_at < 8, "the run should have been killed mid-way"
     assert main([*args, "--resume", "auto"]) == 0
     assert max(s for s, _ in list_checkpoints(run_dir)) == 8
+
+
+def test_init_from_another_run_with_a_new_classifier(dataset, tmp_path, capsys):
+    source = tmp_path / "source"
+    assert main(train_args(dataset, source, steps=2)) == 0
+    five = tmp_path / "five.txt"
+    five.write_text("".join(f"{name}\n" for name in [*dataset.classes, "spinning"]))
+    target = tmp_path / "target"
+    args = train_args(
+        dataset, target, steps=2, extra=["--init-from", str(source), "--set", "train.head_lr_scale=10"]
+    )
+    args[args.index("--classes") + 1] = str(five)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "(new classifier)" in capsys.readouterr().out
+    deeper = train_args(dataset, tmp_path / "deeper", steps=2, extra=["--init-from", str(source)])
+    deeper[deeper.index("--decoder-layers") + 1] = "3"
+    assert main(deeper) == 2
+    assert "decoder does not match" in capsys.readouterr().err

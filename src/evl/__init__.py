@@ -8,6 +8,16 @@ from evl.models.registry import create_backbone, create_model, load_official_che
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # ``evl.load`` pulls in the data and plotting stack: import it on first use only.
+    if name == "load":
+        from evl.engine.predict import load
+
+        return load
+    raise AttributeError(f"module 'evl' has no attribute {name!r}")
+
+
 __all__ = [
     "EVL",
     "CLIPVisionTransformer",
@@ -18,6 +28,7 @@ __all__ = [
     "count_flops",
     "create_backbone",
     "create_model",
+    "load",
     "load_official_checkpoint",
     "model_preset",
     "vision_preset",

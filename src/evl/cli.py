@@ -57,6 +57,7 @@ TRAIN_FLAGS = [
     ("--num-workers", "data.num_workers", int, "data-loader processes"),
     ("--on-bad-video", "data.on_bad_video", str, "skip | error"),
     ("--decoder-layers", "decoder.num_layers", int, "decoder depth (reads the last N backbone blocks)"),
+    ("--init-from", "train.init_from", str, "run directory or checkpoint whose decoder initialises this run"),
 ]
 ABLATION_FLAGS = [
     ("--no-temporal-conv", "decoder.temporal_conv"),

@@ -259,6 +259,10 @@ class TrainConfig:
     log_every: int = 10
     keep_last: int = 2
     seed: int = 0
+    # Fine-tuning from another run (e.g. UCF-101 from Kinetics): its decoder initialises this one; a
+    # classifier of another size stays new and learns head_lr_scale times faster than the rest.
+    init_from: str | None = None
+    head_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.batch_split < 1:

@@ -19,7 +19,7 @@ from evl.synth import class_names, flip_label_map, make_dataset
 from evl.video.lists import read_list
 
 DEMO_RECIPE = "demo_synth"
-TRAIN_PER_CLASS = 200
+TRAIN_PER_CLASS = 160
 VAL_PER_CLASS = 16
 NUM_FRAMES = 24
 SIZE = 112

@@ -73,6 +73,23 @@ def flip_label_map(run: RunConfig, classes: list[str]) -> dict[int, int] | None:
         raise ValueError(f"{run.data.flip_label_map}: unknown class name {err}") from None
 
 
+def initialise_from(model: EVL, source: str | Path) -> None:
+    """Copy another run's decoder (a run directory or checkpoint) into ``model``; a head whose number of
+    classes differs stays freshly initialised. Any other mismatch is an error."""
+    state = load_checkpoint(source).model_state
+    own = model.trainable_state_dict()
+    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    mismatched = sorted(set(own) - set(kept))
+    if any(not k.startswith("head.") for k in mismatched):
+        raise ValueError(
+            f"--init-from {source}: decoder does not match this model ({', '.join(mismatched[:4])}...): "
+            "same backbone, decoder depth, temporal modules and frame count are needed"
+        )
+    model.load_state_dict(kept, strict=False)
+    new_head = " (new classifier)" if mismatched else ""
+    print(f"initialised {len(kept)} tensors from {source}{new_head}")
+
+
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     if precision == "auto":
         precision = "bfloat16" if device.type == "cuda" else "float32"
@@ -111,7 +128,8 @@ def train(
     write_run_files(run_dir, run, model_config, classes)
     config_dict = {"run": to_dict(run), "model": to_dict(model_config)}
 
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, decay_all=cfg.decay_all)
+    lr_scale = {"head": cfg.head_lr_scale} if cfg.head_lr_scale != 1.0 else None
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, decay_all=cfg.decay_all, lr_scale=lr_scale)
     scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
     start = 0
     checkpoint_path = find_resumable(run_dir) if resume == "auto" else resume
@@ -121,6 +139,8 @@ def train(
         restore_train_state(checkpoint.train_state, optimizer, scheduler)
         start = checkpoint.step
         print(f"resumed from {checkpoint.path} at step {start}")
+    elif cfg.init_from:
+        initialise_from(model, cfg.init_from)
     if start >= cfg.steps:
         print(f"{run_dir}: already trained for {start} steps")
         return TrainResult(run_dir, start, float("nan"), None)
