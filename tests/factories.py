@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import torch
 
+# A transformers CLIP vision config with odd sizes, which expose swapped axes: width 48, 3 heads of 16,
+# MLP 37, a 5x5 grid.
+HF_TINY = dict(
+    hidden_size=48,
+    intermediate_size=37,
+    num_hidden_layers=3,
+    num_attention_heads=3,
+    image_size=40,
+    patch_size=8,
+    projection_dim=24,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+
 
 def random_openai_visual(
     width=48, layers=3, patch=8, image_size=40, mlp=37, output_dim=24, seed=0

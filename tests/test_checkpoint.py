@@ -13,17 +13,14 @@ from evl.engine.checkpoint import (
     CheckpointError,
     atomic_path,
     atomic_write_text,
-    capture_rng_state,
     checkpoint_dir,
     find_resumable,
     list_checkpoints,
     load_checkpoint,
-    make_train_state,
-    restore_rng_state,
-    restore_train_state,
     save_checkpoint,
 )
 from evl.engine.optim import build_optimizer, build_scheduler
+from evl.engine.train_state import capture_rng_state, make_train_state, restore_rng_state, restore_train_state
 
 CONFIG = {"model": {"width": 32, "blocks": [2, 3]}, "train": {"lr": 4e-4}}
 

@@ -9,19 +9,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from evl.config import VisionConfig
 from evl.models.clip_vit import CLIPVisionTransformer
 from evl.weights import clip_visual_state_dict, infer_vision_config
-
-# Odd sizes expose swapped axes: width 48, 3 heads of 16, MLP 37, a 5x5 grid.
-HF_TINY = dict(
-    hidden_size=48,
-    intermediate_size=37,
-    num_hidden_layers=3,
-    num_attention_heads=3,
-    image_size=40,
-    patch_size=8,
-    projection_dim=24,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-)
+from factories import HF_TINY
 
 
 def _randomize(module: torch.nn.Module, seed: int = 0) -> None:

@@ -16,7 +16,7 @@ from evl.config import VisionConfig
 from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.registry import OfflineWeightsError, create_backbone
 from evl.weights import WeightFormatError, load_clip_vision, read_state_dict
-from factories import random_openai_visual
+from factories import HF_TINY, random_openai_visual
 
 WIDTH, HEADS = 48, 3
 IMAGES = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(5))
@@ -152,10 +152,7 @@ def test_open_clip_hub_folder_reads_heads_activation_and_stats(tmp_path):
 
 
 def _hf_vision_config() -> dict:
-    return dict(
-        hidden_size=WIDTH, intermediate_size=37, num_hidden_layers=3, num_attention_heads=HEADS,
-        image_size=40, patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-    )  # fmt: skip
+    return {k: v for k, v in HF_TINY.items() if k != "projection_dim"}
 
 
 def test_huggingface_clip_model_folder(tmp_path):

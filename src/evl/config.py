@@ -74,14 +74,16 @@ VISION_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _preset(table: dict[str, dict[str, Any]], name: str, kind: str) -> dict[str, Any]:
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {kind} preset {name!r}; known presets: {', '.join(table)}") from None
+
+
 def vision_preset(name: str, **overrides: Any) -> VisionConfig:
     """The :class:`VisionConfig` of a named preset, with optional field overrides."""
-    try:
-        fields = VISION_PRESETS[name]
-    except KeyError:
-        known = ", ".join(VISION_PRESETS)
-        raise ValueError(f"unknown backbone preset {name!r}; known presets: {known}") from None
-    return VisionConfig(**{**fields, **overrides})
+    return VisionConfig(**{**_preset(VISION_PRESETS, name, "backbone"), **overrides})
 
 
 @dataclass(frozen=True)
@@ -160,11 +162,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 def model_preset(name: str, **decoder_overrides: Any) -> ModelConfig:
     """The :class:`ModelConfig` of a named model preset; keyword arguments override decoder fields."""
-    try:
-        preset = MODEL_PRESETS[name]
-    except KeyError:
-        known = ", ".join(MODEL_PRESETS)
-        raise ValueError(f"unknown model preset {name!r}; known presets: {known}") from None
+    preset = _preset(MODEL_PRESETS, name, "model")
     decoder = DecoderConfig(**{**preset["decoder"], **decoder_overrides})
     return ModelConfig(
         backbone=vision_preset(preset["backbone"]), decoder=decoder, backbone_name=preset["backbone"]

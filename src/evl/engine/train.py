@@ -20,14 +20,13 @@ from evl.config import RunConfig, to_dict
 from evl.engine.checkpoint import (
     find_resumable,
     load_checkpoint,
-    make_train_state,
-    restore_train_state,
     save_checkpoint,
 )
 from evl.engine.evaluate import Evaluation, eval_sampling, evaluate
 from evl.engine.optim import build_optimizer, build_scheduler
 from evl.engine.plots import plot_training_curves
 from evl.engine.run import build_backbone, model_config_for, pick_device, write_run_files
+from evl.engine.train_state import make_train_state, restore_train_state
 from evl.models.evl import EVL
 from evl.video.dataset import StreamSampler, TrainClips, collate_train
 from evl.video.lists import VideoEntry, read_class_names, read_list
