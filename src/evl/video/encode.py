@@ -20,8 +20,9 @@ def write_video(
     """Encode ``frames`` (uint8 [T, H, W, 3], RGB) into a video file; the container follows the suffix.
 
     ``lossless=True`` uses ``libx264rgb`` at qp 0, so decoding gives back the exact pixels (for tests).
-    Odd frame sizes are fine for the RGB encoder; ``yuv420p`` needs even sizes, so they are padded by
-    repeating the last row/column.
+    Encoding runs on one thread, so the same frames always give the same bytes (x264's output can depend
+    on its thread count). Odd frame sizes are fine for the RGB encoder; ``yuv420p`` needs even sizes, so
+    they are padded by repeating the last row/column.
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -33,7 +34,7 @@ def write_video(
     if lossless:
         codec, pix_fmt, options = "libx264rgb", "rgb24", {"qp": "0", "preset": "ultrafast"}
     else:
-        pix_fmt, options = "yuv420p", {"crf": str(crf), "preset": "veryfast"}
+        pix_fmt, options = "yuv420p", {"crf": str(crf), "preset": "veryfast", "threads": "1"}
         pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
         if pad_h or pad_w:
             frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
