@@ -20,9 +20,10 @@ def write_video(
     """Encode ``frames`` (uint8 [T, H, W, 3], RGB) into a video file; the container follows the suffix.
 
     ``lossless=True`` uses ``libx264rgb`` at qp 0, so decoding gives back the exact pixels (for tests).
-    Encoding runs on one thread, so the same frames always give the same bytes (x264's output can depend
-    on its thread count). Odd frame sizes are fine for the RGB encoder; ``yuv420p`` needs even sizes, so
-    they are padded by repeating the last row/column.
+    Encoding runs on one thread (several threads make x264's output vary from run to run); on small
+    frames x264's output can still differ slightly between runs, at the level of compression noise.
+    Odd frame sizes are fine for the RGB encoder; ``yuv420p`` needs even sizes, so they are padded by
+    repeating the last row/column.
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -34,7 +35,7 @@ def write_video(
     if lossless:
         codec, pix_fmt, options = "libx264rgb", "rgb24", {"qp": "0", "preset": "ultrafast"}
     else:
-        pix_fmt, options = "yuv420p", {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        pix_fmt, options = "yuv420p", {"crf": str(crf), "preset": "veryfast"}
         pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
         if pad_h or pad_w:
             frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
@@ -42,7 +43,9 @@ def write_video(
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
-        stream.options = options
+        # One encoder thread and one lookahead thread: with more, x264's output varies from run to run.
+        stream.options = {**options, "x264-params": "threads=1:lookahead-threads=1"}
+        stream.codec_context.thread_count = 1
         for image in frames:
             for packet in stream.encode(
                 av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
