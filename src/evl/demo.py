@@ -16,7 +16,7 @@ from evl.engine.run import load_run
 from evl.engine.train import train
 from evl.recipes import build_run_config
 from evl.synth import class_names, flip_label_map, make_dataset
-from evl.video.lists import read_list
+from evl.video.lists import read_list, resolve_path
 
 DEMO_RECIPE = "demo_synth"
 TRAIN_PER_CLASS = 160
@@ -76,6 +76,6 @@ def run_demo(out_dir: Path, steps: int | None = None, progress: bool = True) -> 
         f"{summary['wall_time_s']:.0f} s in all.\n"
         f"  loss curve:       {run_dir / 'training_curves.png'}\n"
         f"  confusion matrix: {run_dir / 'eval' / 'confusion_matrix.png'}\n"
-        f"  try:              evl predict {run_dir} {entries[0].path and dataset.root / entries[0].path}"
+        f"  try:              evl predict {run_dir} {resolve_path(entries[0], dataset.root)}"
     )
     return summary

@@ -20,7 +20,7 @@ from evl.models.evl import EVL
 from evl.video.dataset import EvalClips, collate_eval
 from evl.video.lists import VideoEntry
 from evl.video.sampling import SamplingConfig
-from evl.video.transforms import TransformConfig, build_eval_transform
+from evl.video.transforms import EvalTransform, TransformConfig, build_eval_transform
 
 
 @dataclass
@@ -47,12 +47,19 @@ def eval_sampling(data: DataConfig) -> SamplingConfig:
     )
 
 
-def eval_loader(model: EVL, entries: Sequence[VideoEntry], data: DataConfig, batch_size: int) -> DataLoader:
-    transform = build_eval_transform(
+def eval_transform(model: EVL, data: DataConfig) -> EvalTransform:
+    return build_eval_transform(
         TransformConfig.from_backbone(model.config.backbone, num_spatial_views=data.num_spatial_views)
     )
+
+
+def eval_loader(model: EVL, entries: Sequence[VideoEntry], data: DataConfig, batch_size: int) -> DataLoader:
     dataset = EvalClips(
-        entries, data.data_root, eval_sampling(data), transform, on_bad_video=data.on_bad_video
+        entries,
+        data.data_root,
+        eval_sampling(data),
+        eval_transform(model, data),
+        on_bad_video=data.on_bad_video,
     )
     return DataLoader(
         dataset,

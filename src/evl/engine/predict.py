@@ -8,11 +8,10 @@ from pathlib import Path
 
 import torch
 
-from evl.engine.evaluate import eval_sampling
+from evl.engine.evaluate import eval_sampling, eval_transform
 from evl.engine.metrics import average_views
 from evl.engine.run import LoadedRun, load_run
-from evl.video.dataset import load_clips
-from evl.video.transforms import TransformConfig, build_eval_transform
+from evl.video.dataset import load_views
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"}
 
@@ -54,17 +53,12 @@ class Predictor:
         self.classes = run.classes
         data = run.run.data
         self.sampling = eval_sampling(data)
-        self.transform = build_eval_transform(
-            TransformConfig.from_backbone(
-                self.model.config.backbone, num_spatial_views=data.num_spatial_views
-            )
-        )
+        self.transform = eval_transform(self.model, data)
 
     @torch.no_grad()
     def probabilities(self, path: str | Path) -> torch.Tensor:
         """Class probabilities [C] of one video (softmax averaged over views)."""
-        clips = load_clips(Path(path), self.sampling, rng=None)
-        views = torch.cat([self.transform(clip) for clip in clips])  # [V, T, 3, S, S]
+        views = load_views(Path(path), self.sampling, self.transform)  # [V, T, 3, S, S]
         device = next(self.model.decoder.parameters()).device
         logits = self.model(views.to(device)).float().cpu()
         return torch.from_numpy(average_views(logits[None], mode="prob")[0])

@@ -81,10 +81,12 @@ def model_config_for(
     )
 
 
-def write_run_files(run_dir: Path, run: RunConfig, model: ModelConfig, classes: list[str]) -> None:
+def write_run_files(run_dir: Path, run: RunConfig, model: ModelConfig, classes: list[str]) -> dict[str, Any]:
+    """Write config.json and classes.txt; returns the config payload (also what checkpoints record)."""
     payload = {"run": to_dict(run), "model": to_dict(model)}
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
     atomic_write_text(run_dir / CLASSES_FILE, "".join(f"{c}\n" for c in classes))
+    return payload
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from evl.config import RunConfig, to_dict
+from evl.config import RunConfig
 from evl.engine.checkpoint import (
     find_resumable,
     load_checkpoint,
@@ -61,7 +61,8 @@ def load_lists(run: RunConfig) -> tuple[list[str], list[VideoEntry], list[VideoE
     return classes, train, val
 
 
-def flip_label_map(run: RunConfig, classes: list[str]) -> dict[int, int] | None:
+def read_flip_label_map(run: RunConfig, classes: list[str]) -> dict[int, int] | None:
+    """The run's name-based flip map (JSON) as label indices, or None when none is configured."""
     if not run.data.flip_label_map:
         return None
     pairs = json.loads(Path(run.data.flip_label_map).read_text())
@@ -124,8 +125,7 @@ def train(
     backbone, backbone_name = build_backbone(run, run_dir)
     model_config = model_config_for(run, backbone, len(classes), backbone_name)
     model = EVL(model_config, backbone).to(dev)
-    write_run_files(run_dir, run, model_config, classes)
-    config_dict = {"run": to_dict(run), "model": to_dict(model_config)}
+    config_dict = write_run_files(run_dir, run, model_config, classes)
 
     lr_scale = {"head": cfg.head_lr_scale} if cfg.head_lr_scale != 1.0 else None
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, decay_all=cfg.decay_all, lr_scale=lr_scale)
@@ -151,7 +151,7 @@ def train(
             rand_augment=data.rand_augment,
             train_scale=tuple(data.train_scale),
         ),
-        flip_label_map=flip_label_map(run, classes),
+        flip_label_map=read_flip_label_map(run, classes),
     )
     dataset = TrainClips(
         train_entries,

@@ -43,6 +43,11 @@ def load_clips(path: Path, sampling: SamplingConfig, rng: np.random.Generator | 
     return frames.reshape(*indices.shape, *frames.shape[1:])
 
 
+def load_views(path: Path, sampling: SamplingConfig, transform: EvalTransform) -> torch.Tensor:
+    """Every evaluation view of one video: float32 [Vt*Vs, T, 3, S, S], temporal-major."""
+    return torch.cat([transform(clip) for clip in load_clips(path, sampling, rng=None)])
+
+
 def _generators(seed: int, position: int) -> tuple[np.random.Generator, torch.Generator]:
     rng = np.random.default_rng([seed, position])
     return rng, torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -144,13 +149,11 @@ class EvalClips(Dataset):
             "error": None,
         }
         try:
-            clips = load_clips(path, self.sampling, rng=None)
+            item["video"] = load_views(path, self.sampling, self.transform)
         except VideoDecodeError as err:
             if self.on_bad_video == "error":
                 raise
             item["error"] = str(err)
-            return item
-        item["video"] = torch.cat([self.transform(clip) for clip in clips])  # [Vt*Vs, T, 3, S, S]
         return item
 
 
