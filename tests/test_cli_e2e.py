@@ -149,3 +149,11 @@ def test_init_from_another_run_with_a_new_classifier(dataset, tmp_path, capsys):
     deeper[deeper.index("--decoder-layers") + 1] = "3"
     assert main(deeper) == 2
     assert "decoder does not match" in capsys.readouterr().err
+
+
+def test_shortened_demo_runs_end_to_end(tmp_path):
+    """`evl demo --steps N` with N below the recipe's warm-up still trains, evaluates and plots."""
+    assert main(["demo", "--output-dir", str(tmp_path), "--steps", "4", "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert metrics["num_videos"] == 64
+    assert (tmp_path / "run" / "training_curves.png").is_file()

@@ -6,6 +6,7 @@ solve) -> train EVL's decoder on a frozen random-init ViT -> evaluate -> plots a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -55,6 +56,8 @@ def run_demo(out_dir: Path, steps: int | None = None, progress: bool = True) -> 
         "train.steps": steps,
     }
     run = build_run_config(DEMO_RECIPE, **flags)
+    warmup = min(run.train.warmup_steps, run.train.steps // 10)  # a shortened demo keeps a short warm-up
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, warmup_steps=warmup))
     run_dir = out_dir / "run"
     train(run, run_dir, progress=progress)
 
