@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +46,18 @@ class Attention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(
-        self, x: torch.Tensor, return_qk: bool = False
+        self, x: torch.Tensor, return_qk: bool = False, causal: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """x: [N, L, C] -> ([N, L, C], (q, k) each [N, L, H, Dh] when ``return_qk``)."""
+        """x: [N, L, C] -> ([N, L, C], (q, k) each [N, L, H, Dh] when ``return_qk``).
+
+        ``causal``: each token attends to itself and earlier tokens only (CLIP's text encoder).
+        """
         n, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(n, length, 3, self.heads, width // self.heads).unbind(2)  # each [N, L, H, Dh]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+        )
         out = self.out_proj(out.transpose(1, 2).reshape(n, length, width))
         return out, ((q, k) if return_qk else None)
 
@@ -74,18 +79,22 @@ class ResidualAttentionBlock(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, return_qk: bool = False
+        self, x: torch.Tensor, return_qk: bool = False, causal: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        attn_out, qk = self.attn(self.ln_1(x), return_qk=return_qk)
+        attn_out, qk = self.attn(self.ln_1(x), return_qk=return_qk, causal=causal)
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x))
         return x, qk
 
 
 class Transformer(nn.Module):
-    """A stack of blocks; exists so that parameter names read ``transformer.resblocks.N`` as OpenAI's."""
+    """A stack of blocks; exists so that parameter names read ``transformer.resblocks.N`` as OpenAI's.
 
-    def __init__(self, config: VisionConfig) -> None:
+    ``config`` is a vision or text config: anything with width, layers, heads, mlp_width, activation and
+    layer_norm_eps.
+    """
+
+    def __init__(self, config: VisionConfig | Any) -> None:
         super().__init__()
         self.resblocks = nn.ModuleList(
             ResidualAttentionBlock(
