@@ -36,3 +36,11 @@ def test_disabling_decoder_layers_reduces_flops():
     lighter = count_flops(model_preset("evl-b16", num_layers=2))
     assert lighter.decoder_gflops < full.decoder_gflops
     assert lighter.backbone_gflops < full.backbone_gflops + 1e-9
+
+
+def test_executed_decoder_costs_less_than_the_paper_formulation():
+    config = model_preset("evl-b16", num_frames=8)
+    paper, executed = count_flops(config), count_flops(config, as_executed=True)
+    assert executed.backbone_gflops == pytest.approx(paper.backbone_gflops, rel=1e-9)
+    # Folded single-query attention: the key/value projections of every memory token are gone.
+    assert executed.decoder_gflops < 0.8 * paper.decoder_gflops

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -91,12 +92,46 @@ def aggregate_relative_gather(attn: torch.Tensor, weight: torch.Tensor, index: t
     return torch.einsum("nqk,qkc->nqc", attn, weight[index])
 
 
+class FrameFeatures(NamedTuple):
+    """What the decoder reads from one backbone block, once the frozen part is computed.
+
+    ``out``: block output [B, T, L, C]. ``attn``: head-averaged cross-frame attention maps between adjacent
+    frames over the patch tokens, [B, 2, T-1, P, P] (index 0: frame t+1 attending to frame t, i.e. each
+    frame to its previous one; index 1: frame t attending to frame t+1), or None when T = 1. These maps depend
+    only on the frozen backbone, so a feature cache stores them instead of the much larger q and k.
+    """
+
+    out: torch.Tensor
+    attn: torch.Tensor | None
+
+
+def cross_frame_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """Frozen q, k [B, T, L, H, Dh] (CLS first) -> head-averaged maps [B, 2, T-1, P, P] (None when T = 1).
+
+    A = mean over heads of softmax(q_t k_s^T / sqrt(Dh)) over the patch tokens, for s = t-1 and s = t+1.
+    """
+    _, t, _, _, d = q.shape
+    if t < 2:
+        return None
+    q = q[:, :, 1:].transpose(2, 3).float() * d**-0.5  # [B, T, H, P, Dh], CLS dropped
+    k = k[:, :, 1:].transpose(2, 3).float()
+    to_prev = (q[:, 1:] @ k[:, :-1].transpose(-2, -1)).softmax(dim=-1).mean(dim=2)  # [B, T-1, P, P]
+    to_next = (q[:, :-1] @ k[:, 1:].transpose(-2, -1)).softmax(dim=-1).mean(dim=2)
+    return torch.stack([to_prev, to_next], dim=1)
+
+
+def frame_features(block: BlockFeatures, with_attention: bool = True) -> FrameFeatures:
+    """Backbone block features (out [B, T, L, C], q/k [B, T, L, H, Dh]) -> :class:`FrameFeatures`."""
+    return FrameFeatures(block.out, cross_frame_attention(block.q, block.k) if with_attention else None)
+
+
 class TemporalCrossAttention(nn.Module):
     """Attention maps between adjacent frames from the frozen CLIP q/k, projected to C channels.
 
     For frame t, A = mean over heads of softmax(q_t k_{t-1}^T / sqrt(Dh)) over the patch tokens (CLS dropped),
     and the output for query patch q is sum_k A[q, k] W_prev[offset(q, k)]; the same with frame t+1 and
-    W_next. The CLS row receives nothing. q, k [B, T, L, H, Dh] -> [B, T, L, C].
+    W_next. The CLS row receives nothing. Maps [B, 2, T-1, P, P] (see :func:`cross_frame_attention`)
+    -> [B, T, L, C].
     """
 
     def __init__(self, width: int, grid_h: int, grid_w: int) -> None:
@@ -108,31 +143,28 @@ class TemporalCrossAttention(nn.Module):
         self.register_buffer("index", relative_position_index(grid_h, grid_w), persistent=False)
         self.materialize = False  # True: the paper's gather formulation (used for FLOP counting)
 
-    def _term(self, q: torch.Tensor, k: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """q, k [B, T', P, H, Dh] (patches only) -> [B, T', P, C]."""
-        b, t, p, _, d = q.shape
-        q = q.transpose(2, 3).float() * d**-0.5  # [B, T', H, P, Dh]
-        k = k.transpose(2, 3).float()
-        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=2)  # [B, T', P, P], heads averaged
+    def _aggregate(self, attn: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """attn [B, T', P, P] -> [B, T', P, C]."""
+        b, t, p, _ = attn.shape
         aggregate = aggregate_relative_gather if self.materialize else aggregate_relative
-        return aggregate(attn.flatten(0, 1), weight, self.index).view(b, t, p, -1)
+        return aggregate(attn.flatten(0, 1).to(weight.dtype), weight, self.index).view(b, t, p, -1)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        b, t, length, _, _ = q.shape
+    def forward(self, attn: torch.Tensor | None, num_frames: int) -> torch.Tensor:
+        """attn [B, 2, T-1, P, P] or None (one frame) -> [B, T, L, C] (zero at CLS)."""
         num_patches = self.grid[0] * self.grid[1]
-        if length - 1 != num_patches:
+        if attn is not None and attn.shape[-1] != num_patches:
             raise ValueError(
                 f"temporal cross-attention was built for a {self.grid[0]}x{self.grid[1]} patch grid "
-                f"({num_patches + 1} tokens per frame) but got {length} tokens per frame; "
+                f"({num_patches + 1} tokens per frame) but got {attn.shape[-1] + 1} tokens per frame; "
                 "feed frames at the backbone's image size"
             )
-        q, k = q[:, :, 1:], k[:, :, 1:]
-        out = q.new_zeros(b, t, length, self.w_prev.shape[1], dtype=self.w_prev.dtype)
-        if t > 1:
+        b = 1 if attn is None else attn.shape[0]
+        out = self.w_prev.new_zeros(b, num_frames, num_patches + 1, self.w_prev.shape[1])
+        if attn is not None:
             patches = out[:, :, 1:]
             # NOTE(ref): frame t gets (0 + previous-frame term) + next-frame term, in that order.
-            patches[:, 1:] += self._term(q[:, 1:], k[:, :-1], self.w_prev)
-            patches[:, :-1] += self._term(q[:, :-1], k[:, 1:], self.w_next)
+            patches[:, 1:] += self._aggregate(attn[:, 0], self.w_prev)
+            patches[:, :-1] += self._aggregate(attn[:, 1], self.w_next)
         return out
 
 
@@ -147,6 +179,7 @@ class DecoderAttention(nn.Module):
         if width % heads:
             raise ValueError(f"decoder width {width} is not divisible by {heads} heads")
         self.heads = heads
+        self.folded: bool | None = None  # None: fold whenever cheaper; False: always project (FLOP counting)
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
@@ -155,9 +188,18 @@ class DecoderAttention(nn.Module):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """x [B, Lq, C] attends to memory [B, Lm, C] -> [B, Lq, C]."""
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, folded: bool | None = None) -> torch.Tensor:
+        """x [B, Lq, C] attends to memory [B, Lm, C] -> [B, Lq, C].
+
+        ``folded`` (default: whenever it is cheaper, i.e. Lq * heads < C) takes :meth:`forward_folded`;
+        otherwise the memory is projected to keys and values and attended with fused SDPA.
+        """
         b, lq, c = x.shape
+        folded = self.folded if folded is None else folded
+        if folded is None:
+            folded = lq * self.heads < c
+        if folded:
+            return self.forward_folded(x, memory)
         lm = memory.shape[1]
         d = c // self.heads
         q = self.q_proj(x).view(b, lq, self.heads, d).transpose(1, 2)
@@ -165,6 +207,31 @@ class DecoderAttention(nn.Module):
         v = self.v_proj(memory).view(b, lm, self.heads, d).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, Lq, d]
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, c))
+
+    def forward_folded(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """The same attention with the key and value projections folded into the few queries.
+
+        EVL's decoder has one query and a memory of T*L tokens, so projecting every memory token to keys
+        and values (2 * T*L*C^2 multiply-adds, ~1.9 G per layer for B/16 8f) is most of its cost. Because
+        q . (W_k m + b_k) = (W_k^T q) . m + const, and the constant cancels in the softmax, the scores need
+        only W_k^T q per head; and since the attention weights sum to one, sum_j a_j (W_v m_j + b_v) =
+        W_v (sum_j a_j m_j) + b_v. That is 2 * H*Lq*T*L*C multiply-adds: 64x fewer for B/16. Equal to the
+        unfolded form within float rounding, gradients included (tested).
+        """
+        b, lq, c = x.shape
+        h, d = self.heads, c // self.heads
+        q = self.q_proj(x).view(b, lq, h, d) * d**-0.5
+        w_k = self.k_proj.weight.view(h, d, c)
+        w_v = self.v_proj.weight.view(h, d, c)
+        keys_in_input_space = torch.einsum("bqhd,hdc->bhqc", q, w_k)  # [B, H, Lq, C]
+        scores = keys_in_input_space.flatten(1, 2) @ memory.transpose(1, 2)  # [B, H*Lq, Lm]
+        # q . b_k is the same for every key and cancels in the softmax; kept so that b_k stays in the graph
+        # (zero gradient, as in the unfolded form, and weight decay treats it alike).
+        scores = scores + torch.einsum("bqhd,hd->bhq", q, self.k_proj.bias.view(h, d)).reshape(b, h * lq, 1)
+        attn = scores.softmax(dim=-1)
+        context = (attn @ memory).view(b, h, lq, c)  # [B, H, Lq, C]: attention-weighted memory per head
+        out = torch.einsum("bhqc,hdc->bqhd", context, w_v).reshape(b, lq, c) + self.v_proj.bias
+        return self.out_proj(out)
 
 
 class Mlp(nn.Module):
@@ -201,8 +268,8 @@ class DecoderLayer(nn.Module):
 class EVLDecoder(nn.Module):
     """One learnable query gathering multi-layer frame features through M decoder layers.
 
-    ``forward(features)`` takes one :class:`BlockFeatures` per decoder layer with ``out`` [B, T, L, C] and
-    ``q``/``k`` [B, T, L, H, Dh], and returns the final query [B, C].
+    ``forward(features)`` takes one :class:`FrameFeatures` per decoder layer (block output [B, T, L, C] and
+    cross-frame attention maps) and returns the final query [B, C].
     """
 
     def __init__(self, config: DecoderConfig, width: int, heads: int, grid: tuple[int, int]) -> None:
@@ -229,7 +296,7 @@ class EVLDecoder(nn.Module):
             for _ in range(m)
         )
 
-    def frame_features(self, i: int, features: BlockFeatures) -> torch.Tensor:
+    def memory(self, i: int, features: FrameFeatures) -> torch.Tensor:
         """The memory of decoder layer i: block output plus the temporal terms, [B, T, L, C]."""
         x = features.out
         # Never in place: x may be the backbone's (or the feature cache's) own tensor.
@@ -239,16 +306,16 @@ class EVLDecoder(nn.Module):
         if self.temporal_pos_embed is not None:
             y = y + self.temporal_pos_embed[i]()
         if self.cross_attention is not None:
-            y = y + self.cross_attention[i](features.q, features.k)
+            y = y + self.cross_attention[i](features.attn, x.shape[1])
         return y
 
-    def forward(self, features: list[BlockFeatures]) -> torch.Tensor:
+    def forward(self, features: list[FrameFeatures]) -> torch.Tensor:
         if len(features) != len(self.layers):
             raise ValueError(f"decoder has {len(self.layers)} layers but got {len(features)} feature maps")
         b = features[0].out.shape[0]
         query = self.query.expand(b, 1, -1)
         for i, layer in enumerate(self.layers):
-            memory = self.frame_features(i, features[i]).flatten(1, 2)  # [B, T*L, C], frame-major
+            memory = self.memory(i, features[i]).flatten(1, 2)  # [B, T*L, C], frame-major
             query = layer(query, memory)
         return query[:, 0]
 
@@ -336,17 +403,30 @@ class EVL(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dtype)
 
-    def extract_features(self, video: torch.Tensor) -> list[BlockFeatures]:
+    def extract_block_features(self, video: torch.Tensor) -> list[BlockFeatures]:
         """Videos [B, T, 3, H, W] -> per decoder layer: out [B, T, L, C], q/k [B, T, L, H, Dh] in float32."""
         self.check_input(video)
         b, t = video.shape[:2]
-        grad = torch.enable_grad() if not self.frozen and torch.is_grad_enabled() else torch.no_grad()
-        with grad, self._backbone_context(video.device):
+        with self._backbone_grad(), self._backbone_context(video.device):
             feats = self.backbone.forward_intermediates(video.flatten(0, 1), self.blocks)
         return [BlockFeatures(*(x.float().unflatten(0, (b, t)) for x in f)) for f in feats]
 
-    def forward_head(self, features: list[BlockFeatures]) -> torch.Tensor:
-        """Backbone features (from :meth:`extract_features` or a feature cache) -> logits [B, num_classes]."""
+    def extract_features(self, video: torch.Tensor) -> list[FrameFeatures]:
+        """Videos [B, T, 3, H, W] -> what the decoder reads, one :class:`FrameFeatures` per decoder layer.
+
+        With a frozen backbone this is a constant of the video: a feature cache stores exactly this.
+        """
+        blocks = self.extract_block_features(video)
+        with self._backbone_grad():
+            return [
+                frame_features(f, with_attention=self.decoder.cross_attention is not None) for f in blocks
+            ]
+
+    def _backbone_grad(self) -> contextlib.AbstractContextManager:
+        return torch.enable_grad() if not self.frozen and torch.is_grad_enabled() else torch.no_grad()
+
+    def forward_head(self, features: list[FrameFeatures]) -> torch.Tensor:
+        """Decoder inputs (from :meth:`extract_features` or a feature cache) -> logits [B, num_classes]."""
         return self.head(self.decoder(features))
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
