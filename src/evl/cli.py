@@ -58,6 +58,8 @@ TRAIN_FLAGS = [
     ("--on-bad-video", "data.on_bad_video", str, "skip | error"),
     ("--decoder-layers", "decoder.num_layers", int, "decoder depth (reads the last N backbone blocks)"),
     ("--init-from", "train.init_from", str, "run directory or checkpoint whose decoder initialises this run"),
+    ("--features", "data.features", str, "feature cache from 'evl extract': train without the backbone"),
+    ("--val-features", "data.val_features", str, "feature cache of the validation list"),
 ]
 ABLATION_FLAGS = [
     ("--no-temporal-conv", "decoder.temporal_conv"),
@@ -105,6 +107,72 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.evaluation is not None:
         summary["val"] = result.evaluation.result.to_dict()
     print(json.dumps(summary))
+    return 0
+
+
+def _add_extract_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "extract", help="run the frozen backbone once over a list and cache what the decoder reads"
+    )
+    p.add_argument("--config", help="YAML recipe: a path or a shipped name such as k400_b16_8f")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
+    p.add_argument(
+        "--split", choices=("train", "val"), default="train", help="which list of the run to cache"
+    )
+    p.add_argument("--output", required=True, help="cache folder (resumed when it holds a partial cache)")
+    p.add_argument("--batch-size", type=int, default=4, help="videos per backbone pass")
+    p.add_argument("--blocks", help="backbone blocks to cache, e.g. 8,9,10,11 (default: the decoder's)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for flag, field, type_, help_ in TRAIN_FLAGS:
+        if not field.startswith("train.") and field not in ("data.features", "data.val_features"):
+            p.add_argument(flag, dest=_dest(field), type=type_, help=help_)
+    p.set_defaults(func=_cmd_extract)
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from evl.engine.features import extract
+    from evl.engine.run import build_backbone, model_config_for, pick_device
+    from evl.engine.train import load_lists
+    from evl.models.evl import EVL
+    from evl.recipes import build_run_config
+
+    flags = {
+        field: getattr(args, _dest(field), None)
+        for _, field, _, _ in TRAIN_FLAGS
+        if hasattr(args, _dest(field))
+    }
+    run = build_run_config(args.config, args.set, **flags)
+    classes, train_entries, val_entries = load_lists(run)
+    entries = train_entries if args.split == "train" else val_entries
+    if not entries:
+        raise ValueError(f"no {args.split} list to extract: pass --{args.split}-list")
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backbone, name = build_backbone(run, out_dir)
+    model = EVL(model_config_for(run, backbone, len(classes), name), backbone).to(pick_device(args.device))
+    blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else None
+    result = extract(
+        model,
+        run,
+        entries,
+        classes,
+        out_dir,
+        batch_size=args.batch_size,
+        blocks=blocks,
+        progress=not args.quiet,
+    )
+    print(
+        json.dumps(
+            {
+                "cache": str(result.root),
+                "videos": result.num_videos,
+                "extracted_now": result.num_extracted,
+                "skipped": result.num_skipped,
+                "mib_per_clip": round(result.bytes_per_clip / 2**20, 2),
+            }
+        )
+    )
     return 0
 
 
@@ -261,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
         _add_train_parser,
+        _add_extract_parser,
         _add_eval_parser,
         _add_predict_parser,
         _add_synth_parser,

@@ -229,6 +229,9 @@ class DataConfig:
     train_scale: tuple[float, float] = (0.08, 1.0)
     num_workers: int = 2
     on_bad_video: str = "skip"  # skip (counted, logged to the run directory) | error
+    # Feature caches made by `evl extract`: train (and validate) the decoder without running the backbone.
+    features: str | None = None
+    val_features: str | None = None
 
     def __post_init__(self) -> None:
         if self.sampling not in ("dense", "segment"):

@@ -7,13 +7,15 @@ import contextlib
 import csv
 import json
 import math
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from evl.config import RunConfig
@@ -23,9 +25,17 @@ from evl.engine.checkpoint import (
     save_checkpoint,
 )
 from evl.engine.evaluate import Evaluation, eval_sampling, evaluate
+from evl.engine.features import BACKBONE_FILE as CACHE_BACKBONE_FILE
+from evl.engine.features import (
+    CachedClips,
+    FeatureCache,
+    collate_cached,
+    evaluate_cached,
+    to_frame_features,
+)
 from evl.engine.optim import build_optimizer, build_scheduler
 from evl.engine.plots import plot_training_curves
-from evl.engine.run import build_backbone, model_config_for, pick_device, write_run_files
+from evl.engine.run import BACKBONE_FILE, build_backbone, model_config_for, pick_device, write_run_files
 from evl.engine.train_state import make_train_state, restore_train_state
 from evl.models.evl import EVL
 from evl.video.dataset import StreamSampler, TrainClips, collate_train
@@ -50,6 +60,10 @@ class TrainResult:
 def load_lists(run: RunConfig) -> tuple[list[str], list[VideoEntry], list[VideoEntry]]:
     """Class names, training entries and validation entries, validated against each other."""
     data = run.data
+    if data.features:  # the cache carries the training list and the class names
+        classes = FeatureCache.open(data.features).meta.classes
+        val = read_list(data.val_list, len(classes), data.data_root) if data.val_list else []
+        return classes, [], val
     if data.train_list is None:
         raise ValueError("no training list: pass --train-list (or data.train_list in the recipe)")
     classes = read_class_names(data.classes) if data.classes else None
@@ -90,6 +104,42 @@ def initialise_from(model: EVL, source: str | Path) -> None:
     print(f"initialised {len(kept)} tensors from {source}{new_head}")
 
 
+def training_data(
+    run: RunConfig, model: EVL, classes: list[str], entries: list[VideoEntry]
+) -> tuple[Dataset, Callable]:
+    """The training stream: augmented clips decoded from videos, or rows of a feature cache."""
+    data = run.data
+    if data.features:
+        return CachedClips(
+            FeatureCache.open(data.features), model.blocks, seed=run.train.seed
+        ), collate_cached
+    transform = build_train_transform(
+        TransformConfig.from_backbone(
+            model.config.backbone,
+            flip=data.flip,
+            rand_augment=data.rand_augment,
+            train_scale=tuple(data.train_scale),
+        ),
+        flip_label_map=read_flip_label_map(run, classes),
+    )
+    dataset = TrainClips(
+        entries,
+        data.data_root,
+        eval_sampling(data),
+        transform,
+        seed=run.train.seed,
+        on_bad_video=data.on_bad_video,
+    )
+    return dataset, collate_train
+
+
+def adopt_cached_backbone(cache_dir: str, run_dir: Path) -> None:
+    """A cache made with a random-init backbone carries its weights: the run must use the same ones."""
+    cached, own = Path(cache_dir) / CACHE_BACKBONE_FILE, run_dir / BACKBONE_FILE
+    if cached.is_file() and not own.exists():
+        shutil.copyfile(cached, own)
+
+
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     if precision == "auto":
         precision = "bfloat16" if device.type == "cuda" else "float32"
@@ -122,9 +172,14 @@ def train(
     torch.manual_seed(cfg.seed)
 
     classes, train_entries, val_entries = load_lists(run)
+    if data.features:
+        adopt_cached_backbone(data.features, run_dir)
     backbone, backbone_name = build_backbone(run, run_dir)
     model_config = model_config_for(run, backbone, len(classes), backbone_name)
     model = EVL(model_config, backbone).to(dev)
+    val_cache = FeatureCache.open(data.val_features) if data.val_features else None
+    for cache_dir in filter(None, (data.features, data.val_features)):
+        FeatureCache.open(cache_dir).check_model(model)
     config_dict = write_run_files(run_dir, run, model_config, classes)
 
     lr_scale = {"head": cfg.head_lr_scale} if cfg.head_lr_scale != 1.0 else None
@@ -144,30 +199,17 @@ def train(
         print(f"{run_dir}: already trained for {start} steps")
         return TrainResult(run_dir, start, float("nan"), None)
 
-    transform = build_train_transform(
-        TransformConfig.from_backbone(
-            model_config.backbone,
-            flip=data.flip,
-            rand_augment=data.rand_augment,
-            train_scale=tuple(data.train_scale),
-        ),
-        flip_label_map=read_flip_label_map(run, classes),
-    )
-    dataset = TrainClips(
-        train_entries,
-        data.data_root,
-        eval_sampling(data),
-        transform,
-        seed=cfg.seed,
-        on_bad_video=data.on_bad_video,
-    )
+    dataset, collate = training_data(run, model, classes, train_entries)
     micro_batch = cfg.batch_size // cfg.batch_split
     loader = DataLoader(
         dataset,
         batch_size=micro_batch,
         sampler=StreamSampler(start * cfg.batch_size, (cfg.steps - start) * cfg.batch_size),
         num_workers=data.num_workers,
-        collate_fn=collate_train,
+        collate_fn=collate,
+        # Its own generator: creating the iterator must not draw from the global RNG, or a resumed run
+        # (which creates it after restoring the RNG state) would see other dropout masks.
+        generator=torch.Generator().manual_seed(cfg.seed),
         pin_memory=dev.type == "cuda",
         drop_last=False,
     )
@@ -186,10 +228,12 @@ def train(
             batch = next(batches)
             if batch["skipped"]:
                 _record_skipped(run_dir, batch["skipped"])
-            video = batch["video"].to(dev, non_blocking=True)
             labels = batch["label"].to(dev, non_blocking=True)
             with autocast_for(cfg.precision, dev):
-                logits = model(video)
+                if "features" in batch:
+                    logits = model.forward_head(to_frame_features(batch["features"], dev))
+                else:
+                    logits = model(batch["video"].to(dev, non_blocking=True))
             loss = F.cross_entropy(logits.float(), labels) / cfg.batch_split
             loss.backward()
             loss_sum += loss.item()
@@ -207,10 +251,13 @@ def train(
             clips_per_s = cfg.batch_size * (step - start) / (time.perf_counter() - tic)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_s:.1f}")
             rows.append((step, "train", "clips_per_s", clips_per_s))
-        if val_entries and (step % cfg.eval_every == 0 or step == cfg.steps):
-            evaluation = evaluate(
-                model, val_entries, data, batch_size=max(1, micro_batch // 2), progress=progress
-            )
+        if (val_entries or val_cache) and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if val_cache is not None:
+                evaluation = evaluate_cached(model, val_cache, batch_size=micro_batch, progress=progress)
+            else:
+                evaluation = evaluate(
+                    model, val_entries, data, batch_size=max(1, micro_batch // 2), progress=progress
+                )
             result = evaluation.result
             rows += [(step, "val", k, v) for k, v in result.to_dict().items() if isinstance(v, float)]
             bar.write(
