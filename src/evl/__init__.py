@@ -5,6 +5,7 @@ from evl.flops import FlopReport, count_flops
 from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.evl import EVL
 from evl.models.registry import create_backbone, create_model, load_official_checkpoint
+from evl.runtime import tune_cpu_allocator
 
 __version__ = "0.1.0"
 
@@ -31,5 +32,6 @@ __all__ = [
     "load",
     "load_official_checkpoint",
     "model_preset",
+    "tune_cpu_allocator",
     "vision_preset",
 ]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from evl.engine.checkpoint import CheckpointError
 from evl.recipes import RecipeError
+from evl.runtime import tune_cpu_allocator
 from evl.video.decode import VideoDecodeError
 from evl.video.lists import ListFileError
 from evl.weights import WeightFormatError
@@ -307,6 +308,47 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure step time, latency, throughput and memory of a model (JSON)")
+    p.add_argument("--model", default="evl-b16", help="model preset (random weights of its shapes)")
+    p.add_argument("--num-frames", type=int, default=8)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2], help="frozen training batches")
+    p.add_argument("--open-batch-size", type=int, default=1, help="batch of the open-backbone step")
+    p.add_argument("--infer-batch-size", type=int, default=8, help="batch of the throughput measurement")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median) after one warm-up")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
+    p.add_argument("--no-dataloader", action="store_true", help="skip the data-loader measurement")
+    p.add_argument("--skip", nargs="*", default=[], help="measurements to leave out, e.g. train_open")
+    p.add_argument("--output", help="also write the JSON report here")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from evl.bench import BenchConfig, run_bench
+    from evl.engine.checkpoint import atomic_write_text
+
+    bench = BenchConfig(
+        model=args.model,
+        num_frames=args.num_frames,
+        train_batch_sizes=tuple(args.batch_sizes),
+        open_batch_size=args.open_batch_size,
+        infer_batch_size=args.infer_batch_size,
+        repeats=args.repeats,
+        device=args.device,
+        threads=args.threads,
+        dataloader=not args.no_dataloader,
+        skip=tuple(args.skip),
+    )
+    bench.model_config()  # an unknown preset fails here, before any process starts
+    report = run_bench(bench, log=lambda line: print(line, file=sys.stderr))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        atomic_write_text(args.output, text + "\n")
+    return 0
+
+
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline end-to-end demo on synthetic videos (minutes on a CPU)")
     p.add_argument("--output-dir", default="demo_run")
@@ -334,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_predict_parser,
         _add_synth_parser,
         _add_flops_parser,
+        _add_bench_parser,
         _add_demo_parser,
     ):
         add(sub)
@@ -342,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    tune_cpu_allocator()
     try:
         return args.func(args)
     except USER_ERRORS as err:

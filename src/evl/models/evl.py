@@ -13,12 +13,13 @@ Only the decoder and the head train; the backbone runs without autograd and is n
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from evl.config import DecoderConfig, ModelConfig
 from evl.models.clip_vit import BlockFeatures, CLIPVisionTransformer
@@ -260,9 +261,14 @@ class DecoderLayer(nn.Module):
         self.attn = DecoderAttention(width, heads)
         self.mlp = Mlp(width, round(width * mlp_ratio), dropout)
 
-    def forward(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        query = query + self.attn(self.norm1(query), self.norm3(memory))
+    def attend(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return query + self.attn(self.norm1(query), self.norm3(memory))
+
+    def feed_forward(self, query: torch.Tensor) -> torch.Tensor:
         return query + self.mlp(self.norm2(query))
+
+    def forward(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(self.attend(query, memory))
 
 
 class EVLDecoder(nn.Module):
@@ -295,6 +301,9 @@ class EVLDecoder(nn.Module):
             DecoderLayer(width, config.num_heads or heads, config.mlp_ratio, config.mlp_dropout)
             for _ in range(m)
         )
+        # Recompute each layer's memory in backward instead of storing it (an execution choice, not part
+        # of the model: results are identical).
+        self.checkpoint_memory = True
 
     def memory(self, i: int, features: FrameFeatures) -> torch.Tensor:
         """The memory of decoder layer i: block output plus the temporal terms, [B, T, L, C]."""
@@ -309,14 +318,23 @@ class EVLDecoder(nn.Module):
             y = y + self.cross_attention[i](features.attn, x.shape[1])
         return y
 
+    def attend(self, i: int, query: torch.Tensor, features: FrameFeatures) -> torch.Tensor:
+        memory = self.memory(i, features).flatten(1, 2)  # [B, T*L, C], frame-major
+        return self.layers[i].attend(query, memory)
+
     def forward(self, features: list[FrameFeatures]) -> torch.Tensor:
         if len(features) != len(self.layers):
             raise ValueError(f"decoder has {len(self.layers)} layers but got {len(features)} feature maps")
         b = features[0].out.shape[0]
         query = self.query.expand(b, 1, -1)
         for i, layer in enumerate(self.layers):
-            memory = self.memory(i, features[i]).flatten(1, 2)  # [B, T*L, C], frame-major
-            query = layer(query, memory)
+            if self.checkpoint_memory and torch.is_grad_enabled():
+                # The memory ([B, T*L, C] per layer, and what building it saves for backward) is most of
+                # the decoder's activation memory, and cheap to rebuild from the features in backward.
+                query = checkpoint(self.attend, i, query, features[i], use_reentrant=False)
+            else:
+                query = self.attend(i, query, features[i])
+            query = layer.feed_forward(query)
         return query[:, 0]
 
 
@@ -369,6 +387,8 @@ class EVL(nn.Module):
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
+        # Clips per backbone pass without autograd; None: one on CPU, the whole batch on GPU.
+        self.backbone_chunk: int | None = None
 
     @property
     def frozen(self) -> bool:
@@ -403,27 +423,56 @@ class EVL(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dtype)
 
-    def extract_block_features(self, video: torch.Tensor) -> list[BlockFeatures]:
-        """Videos [B, T, 3, H, W] -> per decoder layer: out [B, T, L, C], q/k [B, T, L, H, Dh] in float32."""
+    def extract_block_features(
+        self, video: torch.Tensor, blocks: Sequence[int] | None = None
+    ) -> list[BlockFeatures]:
+        """Videos [B, T, 3, H, W] -> per block (default: the decoder's): out [B, T, L, C], q/k
+        [B, T, L, H, Dh], in float32."""
         self.check_input(video)
         b, t = video.shape[:2]
+        blocks = self.blocks if blocks is None else blocks
         with self._backbone_grad(), self._backbone_context(video.device):
-            feats = self.backbone.forward_intermediates(video.flatten(0, 1), self.blocks)
+            feats = self.backbone.forward_intermediates(video.flatten(0, 1), blocks)
         return [BlockFeatures(*(x.float().unflatten(0, (b, t)) for x in f)) for f in feats]
 
-    def extract_features(self, video: torch.Tensor) -> list[FrameFeatures]:
-        """Videos [B, T, 3, H, W] -> what the decoder reads, one :class:`FrameFeatures` per decoder layer.
+    def extract_features(
+        self, video: torch.Tensor, blocks: Sequence[int] | None = None, with_attention: bool | None = None
+    ) -> list[FrameFeatures]:
+        """Videos [B, T, 3, H, W] -> what the decoder reads, one :class:`FrameFeatures` per block.
 
-        With a frozen backbone this is a constant of the video: a feature cache stores exactly this.
+        With a frozen backbone this is a constant of the video: a feature cache stores exactly this (for
+        any ``blocks``, with the attention maps even if this decoder has no cross-attention). Without
+        autograd, the backbone runs ``backbone_chunk`` clips at a time, so its transient activations and
+        the per-block q and k stay those of one chunk, whatever the batch size.
         """
-        blocks = self.extract_block_features(video)
+        if with_attention is None:
+            with_attention = self.decoder.cross_attention is not None
+        chunk = self.backbone_chunk
+        if chunk is None:
+            chunk = video.shape[0] if video.is_cuda else 1  # GPUs want big batches; CPUs small footprints
+        if self._backbone_grad_enabled() or chunk >= video.shape[0]:
+            return self._frame_features(video, blocks, with_attention)
+        pieces = [self._frame_features(part, blocks, with_attention) for part in video.split(chunk)]
+        return [
+            FrameFeatures(
+                torch.cat([p[i].out for p in pieces]),
+                None if pieces[0][i].attn is None else torch.cat([p[i].attn for p in pieces]),
+            )
+            for i in range(len(pieces[0]))
+        ]
+
+    def _frame_features(
+        self, video: torch.Tensor, blocks: Sequence[int] | None, with_attention: bool
+    ) -> list[FrameFeatures]:
+        block_features = self.extract_block_features(video, blocks)
         with self._backbone_grad():
-            return [
-                frame_features(f, with_attention=self.decoder.cross_attention is not None) for f in blocks
-            ]
+            return [frame_features(f, with_attention) for f in block_features]
+
+    def _backbone_grad_enabled(self) -> bool:
+        return not self.frozen and torch.is_grad_enabled()
 
     def _backbone_grad(self) -> contextlib.AbstractContextManager:
-        return torch.enable_grad() if not self.frozen and torch.is_grad_enabled() else torch.no_grad()
+        return torch.enable_grad() if self._backbone_grad_enabled() else torch.no_grad()
 
     def forward_head(self, features: list[FrameFeatures]) -> torch.Tensor:
         """Decoder inputs (from :meth:`extract_features` or a feature cache) -> logits [B, num_classes]."""

@@ -1,0 +1,330 @@
+"""``evl bench``: where the time and memory of a configuration go, on this machine, as one JSON report.
+
+Every figure is measured in a fresh process (so peak memory belongs to that measurement alone) with random
+weights of the configured shapes: the training step with the backbone frozen and open, inference latency
+and throughput, the backbone alone against this machine's fp32 matmul rate, a training step on cached
+features read from a real memory-mapped cache, and the training data loader. FLOPs are counted as
+hardware does (two per multiply-add) for the achieved-GFLOP/s figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from evl.config import ModelConfig, model_preset
+from evl.engine.features import (
+    CacheMeta,
+    FeatureCache,
+    cache_bytes_per_clip,
+    collate_cached,
+    to_frame_features,
+)
+from evl.engine.optim import build_optimizer
+from evl.flops import count_flops
+from evl.models.evl import EVL
+from evl.runtime import tune_cpu_allocator
+from evl.synth import make_dataset
+from evl.video.dataset import StreamSampler, TrainClips, collate_train
+from evl.video.lists import VideoEntry, read_list
+from evl.video.sampling import SamplingConfig
+from evl.video.transforms import TransformConfig, build_train_transform
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "evl-b16"
+    num_frames: int = 8
+    train_batch_sizes: tuple[int, ...] = (1, 2)
+    open_batch_size: int = 1
+    infer_batch_size: int = 8  # throughput batch; latency is always batch 1
+    repeats: int = 3  # timed repetitions after one warm-up; the median is reported
+    device: str = "auto"
+    threads: int | None = None  # CPU threads (default: torch's choice, one per core)
+    dataloader: bool = True
+    allocator: bool = True  # evl.runtime.tune_cpu_allocator in each measuring process, as the CLI does
+    skip: tuple[str, ...] = field(default_factory=tuple)  # names of measurements to leave out
+
+    def model_config(self, freeze: bool = True) -> ModelConfig:
+        return dataclasses.replace(
+            model_preset(self.model, num_frames=self.num_frames), freeze_backbone=freeze
+        )
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    fn()  # warm-up: allocator, kernels, lazy inits
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux reports KiB
+
+
+def _video(batch: int, config: ModelConfig, device: torch.device) -> torch.Tensor:
+    size = config.backbone.image_size
+    return torch.randn(batch, config.decoder.num_frames, 3, size, size, device=device)
+
+
+def _decoder_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    # The trainer's "auto" precision: bf16 on CUDA; fp32 on CPUs, which emulate half precision.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# -------------------------------------------------------------------------------------- measurements
+# Each runs in its own process and returns a dict of plain numbers.
+
+
+def measure_matmul(bench: BenchConfig, device: torch.device) -> dict[str, float]:
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    seconds = _median_time(lambda: a @ b, max(bench.repeats, 5), device)
+    return {"size": n, "dtype": "float32", "gflops_per_s": 2 * n**3 / seconds / 1e9}
+
+
+def measure_train_step(
+    bench: BenchConfig, device: torch.device, batch: int, freeze: bool
+) -> dict[str, float]:
+
+    config = bench.model_config(freeze=freeze)
+    model = EVL(config).to(device).train()
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)
+    video = _video(batch, config, device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with _decoder_autocast(device):
+            logits = model(video)
+        F.cross_entropy(logits.float(), labels).backward()
+        optimizer.step()
+
+    seconds = _median_time(step, bench.repeats, device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "batch": batch,
+        "step_s": seconds,
+        "peak_memory_gb": _peak_memory_gb(device),
+        "trainable_params": trainable,
+    }
+
+
+def measure_inference(bench: BenchConfig, device: torch.device, batch: int) -> dict[str, float]:
+
+    config = bench.model_config()
+    model = EVL(config).to(device).eval()
+    video = _video(batch, config, device)
+
+    def forward() -> None:
+        with torch.inference_mode(), _decoder_autocast(device):
+            model(video)
+
+    seconds = _median_time(forward, bench.repeats, device)
+    return {
+        "batch": batch,
+        "seconds": seconds,
+        "videos_per_s": batch / seconds,
+        "peak_memory_gb": _peak_memory_gb(device),
+    }
+
+
+def measure_backbone(bench: BenchConfig, device: torch.device) -> dict[str, float]:
+
+    config = bench.model_config()
+    model = EVL(config).to(device).eval()
+    video = _video(1, config, device)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model.extract_block_features(video)
+
+    seconds = _median_time(forward, bench.repeats, device)
+    flops = count_flops(config).backbone_gflops * 2  # G multiply-adds -> GFLOP
+    return {
+        "frames": config.decoder.num_frames,
+        "seconds": seconds,
+        "gflop": flops,
+        "gflops_per_s": flops / seconds,
+    }
+
+
+def measure_cached_step(bench: BenchConfig, device: torch.device, batch: int) -> dict[str, float]:
+    """A decoder training step fed from a real float16 memory-mapped cache (rows read every step)."""
+
+    config = bench.model_config()
+    model = EVL(config).to(device).train()
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)
+    num_rows = 2 * batch
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = CacheMeta(
+            backbone=dataclasses.asdict(config.backbone), backbone_name=config.backbone_name,
+            fingerprint="bench",
+            blocks=tuple(model.blocks), num_frames=config.decoder.num_frames, sampling={}, classes=[],
+            num_videos=num_rows,
+        )  # fmt: skip
+        entries = [VideoEntry(f"v{i}.mp4", 0, i + 1) for i in range(num_rows)]
+        cache = FeatureCache.create_or_resume(tmp, meta, entries)
+        with torch.no_grad():
+            for i in range(num_rows):
+                cache.write([i], model.extract_features(_video(1, config, device), with_attention=True))
+        labels = torch.zeros(batch, dtype=torch.long, device=device)
+        rows = iter(range(10**9))
+
+        def step() -> None:
+            items = [{"features": cache.read(next(rows) % num_rows, model.blocks), "label": 0, "index": 0}
+                     for _ in range(batch)]  # fmt: skip
+            features = to_frame_features(collate_cached(items)["features"], device)
+            optimizer.zero_grad(set_to_none=True)
+            with _decoder_autocast(device):
+                logits = model.forward_head(features)
+            F.cross_entropy(logits.float(), labels).backward()
+            optimizer.step()
+
+        seconds = _median_time(step, bench.repeats, device)
+        return {"batch": batch, "step_s": seconds, "mib_per_clip": cache_bytes_per_clip(meta) / 2**20}
+
+
+def measure_dataloader(bench: BenchConfig, device: torch.device) -> dict[str, float]:
+    """Decode + sample + augment (RandAugment, the paper's recipe) of 256 px videos to the model's crop."""
+
+    config = bench.model_config()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_dataset(Path(tmp), num_train_per_class=4, num_val_per_class=0, num_frames=72, size=256,
+                            progress=False, workers=1)  # fmt: skip
+        transform = build_train_transform(
+            TransformConfig.from_backbone(config.backbone, rand_augment="rand-m7-n4-mstd0.5-inc1")
+        )
+        sampling = SamplingConfig(num_frames=config.decoder.num_frames, stride=8)
+        dataset = TrainClips(read_list(data.train_list), data.root, sampling, transform)
+        clips = 32
+        loader = DataLoader(dataset, batch_size=4, sampler=StreamSampler(0, clips), collate_fn=collate_train)
+        start = time.perf_counter()
+        count = sum(len(batch["label"]) for batch in loader)
+        seconds = time.perf_counter() - start
+    return {"workers": 0, "clips_per_s": count / seconds, "seconds_per_clip": seconds / count}
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+
+def _child(queue: mp.Queue, name: str, bench: BenchConfig, kwargs: dict[str, Any]) -> None:
+    try:
+        if bench.allocator:
+            tune_cpu_allocator()
+        if bench.threads:
+            torch.set_num_threads(bench.threads)
+        torch.manual_seed(0)
+        result = MEASUREMENTS[name](bench, _device(bench.device), **kwargs)
+        queue.put(("ok", result))
+    except Exception as err:  # reported in the JSON rather than lost with the child process
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+MEASUREMENTS: dict[str, Callable[..., dict[str, Any]]] = {
+    "matmul": measure_matmul,
+    "train_step": measure_train_step,
+    "inference": measure_inference,
+    "backbone": measure_backbone,
+    "cached_step": measure_cached_step,
+    "dataloader": measure_dataloader,
+}
+
+
+def run_isolated(name: str, bench: BenchConfig, **kwargs: Any) -> dict[str, Any]:
+    """One measurement in a fresh process: its peak memory is its own."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_child, args=(queue, name, bench, kwargs))
+    process.start()
+    status, result = queue.get()
+    process.join()
+    if status != "ok":
+        return {"error": result}
+    return result
+
+
+def run_bench(bench: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """All measurements of ``bench``; ``log`` receives one line as each starts."""
+    device = _device(bench.device)
+    report: dict[str, Any] = {
+        "machine": {
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or "cpu",
+            "threads": bench.threads or torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+        },
+        "config": {k: v for k, v in dataclasses.asdict(bench).items() if k != "skip"},
+    }
+
+    def measure(key: str, name: str, **kwargs: Any) -> dict[str, Any] | None:
+        if key in bench.skip or name in bench.skip:
+            return None
+        log(f"bench: {key} ...")
+        report[key] = run_isolated(name, bench, **kwargs)
+        return report[key]
+
+    matmul = measure("matmul", "matmul")
+    backbone = measure("backbone", "backbone")
+    if backbone and matmul and "error" not in backbone and "error" not in matmul:
+        backbone["fraction_of_matmul"] = backbone["gflops_per_s"] / matmul["gflops_per_s"]
+    frozen = {}
+    for batch in bench.train_batch_sizes:
+        frozen[f"batch{batch}"] = run_isolated("train_step", bench, batch=batch, freeze=True)
+        log(f"bench: train_frozen batch {batch}: {frozen[f'batch{batch}']}")
+    report["train_frozen"] = frozen
+    open_step = measure("train_open", "train_step", batch=bench.open_batch_size, freeze=False)
+    same_batch = frozen.get(f"batch{bench.open_batch_size}")
+    if open_step and same_batch and "error" not in open_step and "error" not in same_batch:
+        report["frozen_open_step_ratio"] = same_batch["step_s"] / open_step["step_s"]
+    measure("inference_latency", "inference", batch=1)
+    measure("inference_throughput", "inference", batch=bench.infer_batch_size)
+    cached = measure("cached_step", "cached_step", batch=max(bench.train_batch_sizes))
+    loader = measure("dataloader", "dataloader") if bench.dataloader else None
+    if cached and backbone and "error" not in cached and "error" not in backbone:
+        per_clip_cached = cached["step_s"] / cached["batch"]
+        per_clip_video = backbone["seconds"] + (
+            loader["seconds_per_clip"] if loader and "error" not in loader else 0
+        )
+        report["epoch_speedup_cached_vs_decode_and_backbone"] = per_clip_video / per_clip_cached
+    return report
