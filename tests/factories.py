@@ -122,3 +122,73 @@ def moving_video(batch=2, frames=4, size=40, seed=2) -> torch.Tensor:
         for t in range(frames)
     ]
     return 0.9 * torch.stack(frames_, dim=2) + 0.3 * noise
+
+
+# ======================================================================================== CLIP text side
+# A transformers CLIP text config with odd sizes: width 48, 3 heads of 16, MLP 37, 3 layers, 16 positions,
+# a 1000-token vocabulary whose last two ids play start- and end-of-text (as 49406/49407 do in CLIP's).
+HF_TINY_TEXT = dict(
+    vocab_size=1000,
+    hidden_size=48,
+    intermediate_size=37,
+    num_hidden_layers=3,
+    num_attention_heads=3,
+    max_position_embeddings=16,
+    projection_dim=24,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=998,
+    eos_token_id=999,
+    pad_token_id=0,
+)
+
+
+def random_openai_text(
+    width=48, layers=3, context=16, vocab=1000, mlp=37, output_dim=24, seed=0
+) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's state dict under OpenAI's top-level names, random but well scaled."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std):
+        return torch.randn(*shape, generator=g) * std
+
+    state = {
+        "token_embedding.weight": randn(vocab, width, std=0.5),
+        "positional_embedding": randn(context, width, std=0.1),
+        "ln_final.weight": 1 + randn(width, std=0.1),
+        "ln_final.bias": randn(width, std=0.05),
+        "text_projection": randn(width, output_dim, std=width**-0.5),
+    }
+    for i in range(layers):
+        p = f"transformer.resblocks.{i}"
+        state.update(
+            {
+                f"{p}.attn.in_proj_weight": randn(3 * width, width, std=width**-0.5),
+                f"{p}.attn.in_proj_bias": randn(3 * width, std=0.05),
+                f"{p}.attn.out_proj.weight": randn(width, width, std=width**-0.5),
+                f"{p}.attn.out_proj.bias": randn(width, std=0.05),
+                f"{p}.ln_1.weight": 1 + randn(width, std=0.1),
+                f"{p}.ln_1.bias": randn(width, std=0.05),
+                f"{p}.ln_2.weight": 1 + randn(width, std=0.1),
+                f"{p}.ln_2.bias": randn(width, std=0.05),
+                f"{p}.mlp.c_fc.weight": randn(mlp, width, std=width**-0.5),
+                f"{p}.mlp.c_fc.bias": randn(mlp, std=0.05),
+                f"{p}.mlp.c_proj.weight": randn(width, mlp, std=mlp**-0.5),
+                f"{p}.mlp.c_proj.bias": randn(width, std=0.05),
+            }
+        )
+    return state
+
+
+def random_text_ids(lengths, context=16, vocab=1000, sot=998, eot=999, seed=3) -> torch.Tensor:
+    """[len(lengths), context] ids shaped like CLIP's: sot, random words, eot at ``lengths[i] - 1``, zeros.
+
+    Words are drawn from 1..sot-1, so eot is each row's largest id, as in CLIP's vocabulary.
+    """
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), context, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, 0] = sot
+        ids[row, 1 : length - 1] = torch.randint(1, sot, (length - 2,), generator=g)
+        ids[row, length - 1] = eot
+    return ids

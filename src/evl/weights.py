@@ -5,17 +5,19 @@ Formats, detected from the file itself (never from its name alone):
 * OpenAI CLIP TorchScript archive (``ViT-B-16.pt`` as OpenAI ships it) and OpenAI plain state dicts;
 * open_clip checkpoints (``.bin``/``.pt``/``.safetensors``, with or without a ``state_dict`` wrapper or a
   ``module.`` prefix) and open_clip hub folders (``open_clip_model.safetensors`` + ``open_clip_config.json``);
-* Hugging Face ``transformers`` CLIP folders (``CLIPModel`` or ``CLIPVisionModel``: ``config.json`` plus
-  ``model.safetensors`` or ``pytorch_model.bin``);
+* Hugging Face ``transformers`` CLIP folders (``CLIPModel``, ``CLIPVisionModel``, ``CLIPTextModel`` or
+  ``CLIPTextModelWithProjection``: ``config.json`` plus ``model.safetensors`` or ``pytorch_model.bin``);
 * official EVL training checkpoints (``{'model': {'module.decoder...', 'module.proj...'}}``).
 
-Pickles are opened with ``torch.load(weights_only=True)``: a file that would need to run code is refused.
-Every other naming scheme maps to ours through one ordered rename table per source.
+The image encoder (:func:`load_clip_vision`) and the text encoder (:func:`load_clip_text`) are read from
+each CLIP format. Pickles are opened with ``torch.load(weights_only=True)``: a file that would need to run
+code is refused. Every other naming scheme maps to ours through one ordered rename table per source.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import warnings
@@ -27,6 +29,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 from evl.config import CLIP_MEAN, CLIP_STD, DecoderConfig, VisionConfig
+from evl.models.clip_text import CLIPTextTransformer, TextConfig
 
 Tensors = dict[str, torch.Tensor]
 
@@ -158,6 +161,32 @@ def apply_renames(state: Tensors, table: list[tuple[str, str]], source: str) -> 
     return out
 
 
+# ------------------------------------------------------------------ Hugging Face names (both towers)
+
+
+def _hf_block_renames(tower: str) -> list[tuple[str, str]]:
+    """Rows for one HF CLIP encoder's blocks (``tower`` is ``vision_model`` or ``text_model``)."""
+    layer, block = rf"{tower}\.encoder\.layers\.(\d+)", r"transformer.resblocks.\1"
+    return [
+        (rf"{layer}\.layer_norm1\.(weight|bias)", rf"{block}.ln_1.\2"),
+        (rf"{layer}\.layer_norm2\.(weight|bias)", rf"{block}.ln_2.\2"),
+        (rf"{layer}\.mlp\.fc1\.(weight|bias)", rf"{block}.mlp.c_fc.\2"),
+        (rf"{layer}\.mlp\.fc2\.(weight|bias)", rf"{block}.mlp.c_proj.\2"),
+        (rf"{layer}\.self_attn\.out_proj\.(weight|bias)", rf"{block}.attn.out_proj.\2"),
+        (rf"{layer}\.self_attn\.([qkv])_proj\.(weight|bias)", rf"{block}.attn.\2_proj.\3"),
+    ]
+
+
+def _merge_qkv(state: Tensors) -> Tensors:
+    """Separate ``attn.{q,k,v}_proj`` -> OpenAI's fused ``attn.in_proj_{weight,bias}`` (q, k, v stacked)."""
+    out = dict(state)
+    for prefix in sorted({k.rsplit(".attn.", 1)[0] for k in out if re.search(r"\.attn\.[qkv]_proj\.", k)}):
+        for kind in ("weight", "bias"):
+            parts = [out.pop(f"{prefix}.attn.{n}_proj.{kind}") for n in "qkv"]
+            out[f"{prefix}.attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
+    return out
+
+
 # ------------------------------------------------------------------------------ CLIP image encoder
 
 # Hugging Face CLIP vision tower -> OpenAI names. q/k/v are merged and the projection transposed separately.
@@ -167,30 +196,7 @@ _HF_VISION_RENAMES: list[tuple[str, str]] = [
     (r"vision_model\.embeddings\.position_embedding\.weight", "positional_embedding"),
     (r"vision_model\.pre_layrnorm\.(weight|bias)", r"ln_pre.\1"),
     (r"vision_model\.post_layernorm\.(weight|bias)", r"ln_post.\1"),
-    (
-        r"vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)",
-        r"transformer.resblocks.\1.ln_1.\2",
-    ),
-    (
-        r"vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)",
-        r"transformer.resblocks.\1.ln_2.\2",
-    ),
-    (
-        r"vision_model\.encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)",
-        r"transformer.resblocks.\1.mlp.c_fc.\2",
-    ),
-    (
-        r"vision_model\.encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)",
-        r"transformer.resblocks.\1.mlp.c_proj.\2",
-    ),
-    (
-        r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)",
-        r"transformer.resblocks.\1.attn.out_proj.\2",
-    ),
-    (
-        r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)",
-        r"transformer.resblocks.\1.attn.\2_proj.\3",
-    ),
+    *_hf_block_renames("vision_model"),
 ]
 
 
@@ -198,11 +204,7 @@ def _hf_vision_to_openai(state: Tensors, source: str) -> Tensors:
     vision = {
         k: v for k, v in state.items() if k.startswith("vision_model.") and not k.endswith("position_ids")
     }
-    out = apply_renames(vision, _HF_VISION_RENAMES, source)
-    for prefix in sorted({k.rsplit(".attn.", 1)[0] for k in out if re.search(r"\.attn\.[qkv]_proj\.", k)}):
-        for kind in ("weight", "bias"):
-            parts = [out.pop(f"{prefix}.attn.{n}_proj.{kind}") for n in "qkv"]
-            out[f"{prefix}.attn.in_proj_{kind}"] = torch.cat(parts, dim=0)  # OpenAI's order: q, k, v
+    out = _merge_qkv(apply_renames(vision, _HF_VISION_RENAMES, source))
     if "visual_projection.weight" in state:
         out["proj"] = state["visual_projection.weight"].t().contiguous()
     return out
@@ -324,6 +326,200 @@ def load_clip_vision(
         )
         config = VisionConfig(**{**config.__dict__, "image_size": image_size})
     return config, visual
+
+
+# ------------------------------------------------------------------------------- CLIP text encoder
+
+# Hugging Face CLIP text tower -> OpenAI names (the top level of OpenAI's ``CLIP``). q/k/v are merged and
+# ``text_projection`` transposed afterwards.
+_HF_TEXT_RENAMES: list[tuple[str, str]] = [
+    (r"text_model\.embeddings\.token_embedding\.weight", "token_embedding.weight"),
+    (r"text_model\.embeddings\.position_embedding\.weight", "positional_embedding"),
+    (r"text_model\.final_layer_norm\.(weight|bias)", r"ln_final.\1"),
+    *_hf_block_renames("text_model"),
+    (r"text_projection\.weight", "text_projection"),
+]
+# The text tower's names at the top level of OpenAI and open_clip state dicts.
+_OPENAI_TEXT_KEY = re.compile(
+    r"(token_embedding|ln_final|transformer)\..+|positional_embedding|text_projection"
+)
+# CLIP's logit temperature at initialisation, ln(1 / 0.07), for formats that store none.
+DEFAULT_LOGIT_SCALE = math.log(1 / 0.07)
+
+
+def _hf_text_to_openai(state: Tensors, source: str) -> Tensors:
+    text = {
+        k: v
+        for k, v in state.items()
+        if (k.startswith("text_model.") and not k.endswith("position_ids")) or k == "text_projection.weight"
+    }
+    out = _merge_qkv(apply_renames(text, _HF_TEXT_RENAMES, source))
+    if "text_projection" in out:
+        out["text_projection"] = out["text_projection"].t().contiguous()  # Linear [D, W] -> matrix [W, D]
+    return out
+
+
+def clip_text_state_dict(state: Tensors, source: str = "checkpoint") -> Tensors:
+    """The text encoder's tensors under OpenAI names (``token_embedding.weight``, ``positional_embedding``,
+    ``transformer.resblocks.N.*``, ``ln_final.*``, ``text_projection``), as :class:`CLIPTextTransformer` has.
+    """
+    if "embeddings.token_embedding.weight" in state:
+        # transformers 5 saves a bare CLIPTextModel without its ``text_model.`` prefix.
+        state = {k if k.startswith("text_projection") else f"text_model.{k}": v for k, v in state.items()}
+    if any(k.startswith("text_model.") for k in state):
+        return _hf_text_to_openai(state, source)
+    if "text.token_embedding.weight" in state:
+        # open_clip's CustomTextCLIP keeps the same tower under ``text.``; every key there must fit.
+        return {
+            k[len("text.") :]: v for k, v in state.items() if k.startswith("text.") and k != "text.attn_mask"
+        }
+    if "token_embedding.weight" in state:
+        return {k: v for k, v in state.items() if _OPENAI_TEXT_KEY.fullmatch(k)}
+    if any(k.startswith("text.") for k in state):
+        raise WeightFormatError(f"{source}: an open_clip text tower that is not CLIP's transformer")
+    raise WeightFormatError(
+        f"{source}: no CLIP text encoder found (a vision-only checkpoint? expected keys such as "
+        "token_embedding.weight or text_model.embeddings.token_embedding.weight)"
+    )
+
+
+def infer_text_config(text: Tensors, source: str = "checkpoint", **overrides: Any) -> TextConfig:
+    """Architecture from tensor shapes; heads default to width // 64 as OpenAI and open_clip build them.
+
+    ``overrides`` (any :class:`TextConfig` field; None values are ignored) win over what the shapes say.
+    """
+    try:
+        vocab_size, width = text["token_embedding.weight"].shape
+        context_length = text["positional_embedding"].shape[0]
+        mlp_width = text["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    except KeyError as err:
+        raise WeightFormatError(f"{source}: text encoder tensor {err} is missing") from None
+    fields: dict[str, Any] = dict(
+        width=width,
+        layers=len({k.split(".")[2] for k in text if k.startswith("transformer.resblocks.")}),
+        heads=max(width // 64, 1),
+        context_length=context_length,
+        vocab_size=vocab_size,
+        output_dim=text["text_projection"].shape[1] if "text_projection" in text else None,
+        mlp_ratio=mlp_width / width,
+        # NOTE(ref): OpenAI and open_clip pool at argmax(token ids): the end-of-text token exactly when it is
+        # the vocabulary's last id, as 49407 is in CLIP's BPE. Pooling at that id reproduces them.
+        eot_token_id=vocab_size - 1,
+    )
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TextConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise WeightFormatError(f"{source}: {err}") from None
+
+
+def _hf_text_fields(hf_config: dict[str, Any], source: str) -> dict[str, Any]:
+    if "text_config" in hf_config or "text_config_dict" in hf_config:
+        # Older hub files nest the tower as text_config_dict, which wins as in transformers.
+        text = {**(hf_config.get("text_config") or {}), **(hf_config.get("text_config_dict") or {})}
+    else:
+        text = hf_config  # a CLIPTextModel(WithProjection) config
+    fields: dict[str, Any] = {
+        "heads": text.get("num_attention_heads"),
+        "layer_norm_eps": text.get("layer_norm_eps"),
+    }
+    act = text.get("hidden_act", "quick_gelu")
+    if act not in ("quick_gelu", "gelu"):
+        raise WeightFormatError(f"{source}: text activation {act!r} is not supported (quick_gelu or gelu)")
+    fields["activation"] = act
+    eos = text.get("eos_token_id")
+    # NOTE(ref): transformers pools at the first ``eos_token_id``, except when it is 2 (configs written before
+    # its fix, e.g. openai/clip-vit-base-patch32): then at argmax(token ids), which the default of
+    # infer_text_config (the vocabulary's last id, CLIP's end-of-text) reproduces.
+    if isinstance(eos, int) and eos != 2:
+        fields["eot_token_id"] = eos
+    return fields
+
+
+# open_clip text options that change the computation in ways CLIPTextTransformer does not model.
+_OPEN_CLIP_TEXT_UNSUPPORTED = (
+    "hf_model_name",
+    "embed_cls",
+    "no_causal_mask",
+    "final_ln_after_pool",
+    "qk_norm",
+)
+
+
+def _open_clip_text_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    model_cfg = cfg.get("model_cfg", cfg)
+    text = model_cfg.get("text_cfg") or {}
+    if not text:
+        return {}
+    for option in _OPEN_CLIP_TEXT_UNSUPPORTED:
+        if text.get(option):
+            raise WeightFormatError(
+                f"{source}: open_clip text option {option}={text[option]!r} is not supported"
+            )
+    fields: dict[str, Any] = {
+        "heads": text.get("heads", 8),  # open_clip's CLIPTextCfg default
+        "activation": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+        "layer_norm_eps": (text.get("norm_kwargs") or {}).get("eps"),
+    }
+    pool = text.get("pool_type", "argmax")
+    if pool == "eos":
+        fields["eot_token_id"] = text.get("eos_id", 2)
+    elif pool != "argmax":
+        raise WeightFormatError(
+            f"{source}: open_clip text pool_type {pool!r} is not supported (argmax or eos)"
+        )
+    return fields
+
+
+def _logit_scale(state: Tensors, source: str) -> float:
+    value = state.get("logit_scale")
+    if value is None:
+        return DEFAULT_LOGIT_SCALE
+    if value.numel() != 1:
+        raise WeightFormatError(f"{source}: logit_scale has shape {tuple(value.shape)}, expected one value")
+    return float(value.float().reshape(()))
+
+
+def read_logit_scale(path: str | Path) -> float:
+    """A CLIP checkpoint's ``logit_scale``: the log of the logit temperature as stored (about ln 100 for
+    trained models), or CLIP's initial ln(1 / 0.07) when the format stores none (e.g. ``CLIPTextModel``)."""
+    state, _ = read_state_dict(path)
+    return _logit_scale(state, str(path))
+
+
+def load_clip_text(path: str | Path, **overrides: Any) -> tuple[CLIPTextTransformer, float]:
+    """Read a CLIP text encoder from any supported format and load it strict.
+
+    Returns the float32 module and the checkpoint's ``logit_scale`` (see :func:`read_logit_scale`).
+    ``overrides`` set :class:`TextConfig` fields the file cannot tell or that should differ (``heads``,
+    ``activation``, ``eot_token_id``, ...); OpenAI and open_clip files store neither heads nor activation.
+    """
+    state, info = read_state_dict(path)
+    source = str(path)
+    text = clip_text_state_dict(state, source)
+    fields: dict[str, Any] = {}
+    if "hf_config" in info:
+        fields.update(_hf_text_fields(info["hf_config"], source))
+    if "open_clip_config" in info:
+        fields.update(_open_clip_text_fields(info["open_clip_config"], source))
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    config = infer_text_config(text, source, **fields)
+    model = CLIPTextTransformer(config)
+    # OpenAI's archives are mixed precision (fp16 matmul weights): compute in float32.
+    text = {k: v.float() for k, v in text.items()}
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(text)), sorted(set(text) - expected)
+    if missing or unexpected:
+        raise WeightFormatError(
+            f"{source}: the text encoder does not fit CLIP's text transformer "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    try:
+        model.load_state_dict(text, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise WeightFormatError(f"{source}: text encoder tensors have the wrong shapes ({detail})") from None
+    return model, _logit_scale(state, source)
 
 
 # ------------------------------------------------------------------------------- official EVL checkpoints

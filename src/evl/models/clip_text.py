@@ -27,7 +27,9 @@ class TextConfig:
     heads: int = 8
     context_length: int = 77
     vocab_size: int = 49408
-    output_dim: int = 512  # ``text_projection`` columns: the joint embedding size
+    # ``text_projection`` columns: the joint embedding size. None: no projection (HF ``CLIPTextModel``),
+    # the embedding is the pooled width-sized token.
+    output_dim: int | None = 512
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-5
     activation: str = "quick_gelu"
@@ -38,6 +40,10 @@ class TextConfig:
     def __post_init__(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"TextConfig: width {self.width} is not divisible by heads {self.heads}")
+        if not 0 <= self.eot_token_id < self.vocab_size:
+            raise ValueError(
+                f"TextConfig: eot_token_id {self.eot_token_id} is outside the vocabulary of {self.vocab_size}"
+            )
 
     @property
     def mlp_width(self) -> int:
@@ -64,7 +70,7 @@ def text_preset(name: str, **overrides: Any) -> TextConfig:
 
 
 class CLIPTextTransformer(nn.Module):
-    """CLIP's text encoder: token ids [N, L] -> sentence embeddings [N, output_dim]."""
+    """CLIP's text encoder: token ids [N, L] -> sentence embeddings [N, output_dim] (or [N, width])."""
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
@@ -73,7 +79,9 @@ class CLIPTextTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
         self.transformer = Transformer(config)
         self.ln_final = LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.text_projection = nn.Parameter(torch.empty(config.width, config.output_dim))
+        self.text_projection = (
+            nn.Parameter(torch.empty(config.width, config.output_dim)) if config.output_dim else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -87,26 +95,32 @@ class CLIPTextTransformer(nn.Module):
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
             nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=width**-0.5)
+        if self.text_projection is not None:
+            nn.init.normal_(self.text_projection, std=width**-0.5)
 
     def eot_positions(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[N, L] -> [N]: the first end-of-text position of each row (the last token when a row has none)."""
         is_eot = token_ids == self.config.eot_token_id
         first = is_eot.int().argmax(dim=-1)
-        return torch.where(is_eot.any(dim=-1), first, token_ids.new_full(first.shape, token_ids.shape[-1] - 1))
+        return torch.where(
+            is_eot.any(dim=-1), first, token_ids.new_full(first.shape, token_ids.shape[-1] - 1)
+        )
 
     def forward_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [N, L] -> output tokens [N, L, width] after ``ln_final``."""
         length = token_ids.shape[-1]
         if length > self.config.context_length:
-            raise ValueError(f"{length} tokens exceed the text encoder's context of {self.config.context_length}")
+            raise ValueError(
+                f"{length} tokens exceed the text encoder's context of {self.config.context_length}"
+            )
         x = self.token_embedding(token_ids) + self.positional_embedding[:length]
         for block in self.transformer.resblocks:
             x, _ = block(x, causal=True)
         return self.ln_final(x)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [N, L] -> embeddings [N, output_dim] (end-of-text token, projected)."""
+        """Token ids [N, L] -> embeddings [N, output_dim]: the end-of-text token, projected ([N, width]
+        when the config has no projection)."""
         x = self.forward_tokens(token_ids)
         pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(token_ids)]
-        return pooled @ self.text_projection
+        return pooled if self.text_projection is None else pooled @ self.text_projection
