@@ -1,0 +1,311 @@
+"""Video CLIP classifier: ViFi-CLIP (Rasheed et al., CVPR 2023) and zero-shot CLIP on videos.
+
+Every frame goes through the CLIP image encoder (``ln_post`` + ``proj`` of the CLS token); the frame
+embeddings are averaged over time and L2-normalised. Each class is a text prompt through the CLIP text
+encoder, normalised (and averaged over templates when several are given). The logits are
+``exp(logit_scale) * cosine(video, class)``.
+
+``tune`` chooses what trains: ``"both"`` (ViFi-CLIP: both towers and ``logit_scale``), ``"image"`` or
+``"text"`` (the paper's ablations), ``"none"`` (vanilla zero-shot CLIP). Token embeddings never train: the
+reference precomputes them into a buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evl.models.clip_text import CLIPTextTransformer
+from evl.models.clip_vit import CLIPVisionTransformer
+from evl.models.evl import resolve_backbone_dtype
+
+__all__ = [
+    "TUNE_MODES",
+    "VIFI_BETAS",
+    "VIFI_TEMPLATE",
+    "ZEROSHOT_TEMPLATE",
+    "VideoCLIP",
+    "build_prompts",
+]
+
+TUNE_MODES = ("both", "image", "text", "none")
+
+# ViFi-CLIP's prompt: CTX_INIT "a photo of a" + " " + name + "."; zero-shot CLIP uses the bare name.
+VIFI_TEMPLATE = "a photo of a {}."
+ZEROSHOT_TEMPLATE = "{}"
+
+# ViFi-CLIP's AdamW betas (an optimizer argument, not a parameter-group one).
+VIFI_BETAS = (0.9, 0.98)
+
+
+def build_prompts(class_names: Sequence[str], templates: Sequence[str] = (VIFI_TEMPLATE,)) -> list[list[str]]:
+    """One prompt per (class, template): ``[K][M]`` strings, ``templates[j].format(name)``.
+
+    Flattened class-major (``[p for prompts in result for p in prompts]``), the tokenized prompts are what
+    :meth:`VideoCLIP.set_class_tokens` takes with ``num_templates=len(templates)``. Names are used as
+    given (the reference's label files already spell them with spaces).
+    """
+    if isinstance(templates, str):
+        raise TypeError("templates must be a sequence of strings, not a single string")
+    if not templates:
+        raise ValueError("build_prompts needs at least one template")
+    for template in templates:
+        if "{}" not in template:
+            raise ValueError(f"template {template!r} has no '{{}}' placeholder for the class name")
+    return [[template.format(name) for template in templates] for name in class_names]
+
+
+def _clear_text_cache_after_load(module: VideoCLIP, incompatible_keys: Any) -> None:
+    module.clear_text_cache()
+
+
+def _preview(keys: list[str], limit: int = 5) -> str:
+    return str(keys[:limit]) + ("..." if len(keys) > limit else "")
+
+
+class VideoCLIP(nn.Module):
+    """Videos [B, T, 3, H, W] (normalised) -> logits [B, K] against K class prompts.
+
+    Args:
+        visual: CLIP image encoder; it must have a projection (``output_dim``).
+        text: CLIP text encoder with the same ``output_dim``.
+        logit_scale: the log of the logit temperature (CLIP checkpoints store it so; about log(100)).
+        tune: which parameters train, one of :data:`TUNE_MODES`.
+        compute_dtype: dtype the towers run in, as EVL's ``backbone_dtype``: ``"auto"`` is float32 on CPU
+            and bfloat16 autocast on CUDA; or ``"float32"``, ``"bfloat16"``, ``"float16"``.
+
+    Frozen parameters have ``requires_grad=False``, their modules stay in eval mode, and frozen towers run
+    without autograd. Call :meth:`set_class_tokens` before the first forward.
+    """
+
+    def __init__(
+        self,
+        visual: CLIPVisionTransformer,
+        text: CLIPTextTransformer,
+        logit_scale: float = math.log(1 / 0.07),
+        tune: str = "both",
+        compute_dtype: str = "auto",
+    ) -> None:
+        super().__init__()
+        if tune not in TUNE_MODES:
+            raise ValueError(f"unknown tune mode {tune!r}; expected one of {', '.join(TUNE_MODES)}")
+        if visual.proj is None:
+            raise ValueError("VideoCLIP needs an image encoder with a projection (VisionConfig.output_dim)")
+        if visual.config.output_dim != text.config.output_dim:
+            raise ValueError(
+                f"image embeddings have {visual.config.output_dim} dims but text embeddings "
+                f"{text.config.output_dim}; the towers must come from the same CLIP model"
+            )
+        resolve_backbone_dtype(compute_dtype, torch.device("cpu"))  # reject a bad name now, not at forward
+        self.tune = tune
+        self.compute_dtype = compute_dtype
+        self.visual = visual
+        self.text = text
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
+        # Prompts travel with .to(device) but not into checkpoints: the class list is data, not weights.
+        self.register_buffer("class_tokens", None, persistent=False)
+        self.num_templates = 1
+        self._text_cache: torch.Tensor | None = None
+        self._text_cache_key: tuple[Any, ...] | None = None
+        self._cache_depth = 0
+
+        self.visual.requires_grad_(self.tune_image)
+        self.text.requires_grad_(self.tune_text)
+        self.text.token_embedding.requires_grad_(False)
+        # NOTE(ref): ViFi-CLIP trains logit_scale only when both towers train (USE=both).
+        self.logit_scale.requires_grad_(tune == "both")
+        for module in self._frozen_modules():
+            module.eval()
+        # Any load_state_dict may change the text weights behind a cached class embedding.
+        self.register_load_state_dict_post_hook(_clear_text_cache_after_load)
+
+    # ---------------------------------------------------------------------------------------------- modes
+    @property
+    def tune_image(self) -> bool:
+        return self.tune in ("both", "image")
+
+    @property
+    def tune_text(self) -> bool:
+        return self.tune in ("both", "text")
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        frozen: list[nn.Module] = [] if self.tune_image else [self.visual]
+        frozen.append(self.text.token_embedding if self.tune_text else self.text)
+        return frozen
+
+    def train(self, mode: bool = True) -> VideoCLIP:
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()  # frozen parts never leave eval mode
+        return self
+
+    def is_tuned(self, name: str) -> bool:
+        """Whether the parameter called ``name`` trains under this model's ``tune`` mode."""
+        if name == "logit_scale":
+            return self.tune == "both"
+        if name.startswith("visual."):
+            return self.tune_image
+        if name.startswith("text."):
+            return self.tune_text and not name.startswith("text.token_embedding.")
+        return False
+
+    # -------------------------------------------------------------------------------------------- classes
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.class_tokens is None else self.class_tokens.shape[0] // self.num_templates
+
+    def set_class_tokens(self, token_ids: torch.Tensor, num_templates: int = 1) -> None:
+        """Store the tokenized class prompts, ``[K * num_templates, L]`` class-major (row ``k * M + j`` is
+        class k with template j, as :func:`build_prompts` flattened).
+
+        A cached class embedding is dropped when the ids or the template count change.
+        """
+        if token_ids.ndim != 2 or token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
+            raise ValueError(
+                f"class tokens must be integer ids [K * num_templates, L], got {token_ids.dtype} "
+                f"of shape {tuple(token_ids.shape)}"
+            )
+        rows, length = token_ids.shape
+        if num_templates < 1 or rows == 0 or rows % num_templates:
+            raise ValueError(f"{rows} prompt rows do not split into classes of {num_templates} templates")
+        config = self.text.config
+        if length > config.context_length:
+            raise ValueError(f"prompts of {length} tokens exceed the text context of {config.context_length}")
+        if token_ids.min() < 0 or token_ids.max() >= config.vocab_size:
+            raise ValueError(
+                f"token ids span {int(token_ids.min())}..{int(token_ids.max())}, outside the vocabulary "
+                f"of {config.vocab_size}"
+            )
+        tokens = token_ids.to(device=self.logit_scale.device, dtype=torch.long)
+        same = (
+            self.class_tokens is not None
+            and num_templates == self.num_templates
+            and self.class_tokens.shape == tokens.shape
+            and torch.equal(self.class_tokens, tokens)
+        )
+        self.class_tokens = tokens
+        self.num_templates = num_templates
+        if not same:
+            self.clear_text_cache()
+
+    def clear_text_cache(self) -> None:
+        """Drop the cached class embeddings (needed only after editing ``self.text`` weights directly)."""
+        self._text_cache = None
+        self._text_cache_key = None
+
+    @contextlib.contextmanager
+    def text_cache(self) -> Iterator[None]:
+        """Compute the class embeddings once for the whole block, even when the text encoder trains.
+
+        For evaluation loops: inside, the text tower runs without autograd. With a frozen text encoder the
+        embeddings are cached anyway; with a trained one the cache is dropped on exit, since the next
+        optimizer step changes them.
+        """
+        self._cache_depth += 1
+        try:
+            yield
+        finally:
+            self._cache_depth -= 1
+            if self._cache_depth == 0 and self.tune_text:
+                self.clear_text_cache()
+
+    # -------------------------------------------------------------------------------------------- forwards
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        dtype = resolve_backbone_dtype(self.compute_dtype, device)
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    @staticmethod
+    def _grad(trainable: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if trainable and torch.is_grad_enabled() else torch.no_grad()
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Videos [B, T, 3, H, W] -> normalised embeddings [B, D] (float32): frame embeddings averaged
+        over T, then L2-normalised (the reference normalises after the mean, not per frame)."""
+        if video.ndim != 5 or video.shape[2] != 3:
+            raise ValueError(f"VideoCLIP expects videos [B, T, 3, H, W], got shape {tuple(video.shape)}")
+        b, t = video.shape[:2]
+        with self._grad(self.tune_image), self._autocast(video.device):
+            frames = self.visual(video.flatten(0, 1))  # [B*T, D]
+        return F.normalize(frames.float().view(b, t, -1).mean(dim=1), dim=-1)
+
+    def encode_text(self) -> torch.Tensor:
+        """The class prompts -> normalised class embeddings [K, D] (float32).
+
+        Several templates per class: the mean of their normalised embeddings, normalised again (CLIP's
+        prompt ensembling). Cached while the text encoder is frozen or inside :meth:`text_cache`.
+        """
+        tokens = self.class_tokens
+        if tokens is None:
+            raise RuntimeError("no class prompts: call set_class_tokens(token_ids) before encoding text")
+        key = (tokens.device, self.compute_dtype, self.text.text_projection.dtype)
+        cacheable = not self.tune_text or self._cache_depth > 0
+        if cacheable and self._text_cache is not None and self._text_cache_key == key:
+            return self._text_cache
+        with self._grad(self.tune_text and not cacheable), self._autocast(tokens.device):
+            prompts = self.text(tokens)  # [K*M, D]
+        prompts = F.normalize(prompts.float(), dim=-1).view(self.num_classes, self.num_templates, -1)
+        classes = F.normalize(prompts.mean(dim=1), dim=-1)  # [K, D]
+        if cacheable:
+            self._text_cache, self._text_cache_key = classes.detach(), key
+        return classes
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """Videos [B, T, 3, H, W] -> logits [B, K] = exp(logit_scale) * cosine."""
+        video_emb = self.encode_video(video)
+        class_emb = self.encode_text()
+        return self.logit_scale.exp() * video_emb @ class_emb.t()
+
+    # ----------------------------------------------------------------------------------------------- state
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tuned parameters (and ``logit_scale`` when it trains): what a fine-tuning checkpoint stores.
+
+        Empty for ``tune="none"``.
+        """
+        return {k: v for k, v in self.state_dict().items() if self.is_tuned(k)}
+
+    def load_trainable_state_dict(
+        self, state: Mapping[str, torch.Tensor], source: str = "checkpoint"
+    ) -> None:
+        """Strict load of :meth:`trainable_state_dict`, with one-line errors for mismatched keys or shapes."""
+        own = self.trainable_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"{source} does not match the model (tune={self.tune!r}): missing {_preview(missing)}, "
+                f"unexpected {_preview(unexpected)}"
+            )
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(
+                    f"{source}: {key} has shape {tuple(value.shape)} but the model expects "
+                    f"{tuple(own[key].shape)} (a different CLIP architecture?)"
+                )
+        self.load_state_dict(state, strict=False)
+
+    def param_groups(self, lr: float, weight_decay: float, decay_all: bool = True) -> list[dict[str, Any]]:
+        """AdamW parameter groups over the trainable parameters, each with ``lr`` set.
+
+        ``decay_all=False`` exempts 1-D and scalar parameters (biases, LayerNorm weights, class embedding,
+        ``logit_scale``) from weight decay. Groups hold ``params``, ``param_names``, ``lr``, ``lr_scale``
+        and ``weight_decay``; empty groups are left out.
+        """
+        # NOTE(ref): ViFi-CLIP builds AdamW over model.parameters(), so every parameter is decayed,
+        # LayerNorms, biases and logit_scale included; reproduced by default.
+        decay: dict[str, Any] = {"params": [], "param_names": [], "weight_decay": weight_decay}
+        no_decay: dict[str, Any] = {"params": [], "param_names": [], "weight_decay": 0.0}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            group = decay if decay_all or param.ndim >= 2 else no_decay
+            group["params"].append(param)
+            group["param_names"].append(name)
+        return [{**g, "lr": lr, "lr_scale": 1.0} for g in (decay, no_decay) if g["params"]]
