@@ -164,3 +164,37 @@ def test_incomplete_or_foreign_caches_are_refused(caches, dataset, tmp_path, cap
     assert code == 2 and "the decoder reads blocks [3, 4, 5]" in err and "Traceback" not in err
     assert main(["train", "--output-dir", str(tmp_path / "z"), "--features", str(tmp_path)]) == 2
     assert "not a feature cache" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss_stops_or_skips_and_keeps_the_last_good_checkpoint(
+    caches, dataset, tmp_path, policy, capsys
+):
+    import evl.engine.train as train_module
+
+    run_dir = tmp_path / "run"
+    args = train_args(run_dir, *common(dataset), "--features", str(caches[0]), "--save-every", "1")
+    assert main([*args, "--steps", "2"]) == 0  # two good steps, checkpointed
+    good = load_run(run_dir).model.trainable_state_dict()
+    original = train_module.to_frame_features
+
+    def poisoned(rows, device):  # every later batch carries a NaN feature
+        features = original(rows, device)
+        features[0].out[0, 0, 0, 0] = float("nan")
+        return features
+
+    train_module.to_frame_features = poisoned
+    try:
+        code = main([*args, "--steps", "4", "--set", f"train.on_nonfinite={policy}"])
+    finally:
+        train_module.to_frame_features = original
+    err = capsys.readouterr().err
+    if policy == "stop":
+        assert code == 2 and "loss became nan at step 3" in err and "Traceback" not in err
+        assert [s for s, _ in list_checkpoints(run_dir)][-1] == 2
+    else:
+        assert code == 0 and "update skipped" in err
+    # Either way the weights are the last good ones: a stopped run keeps them, skipped updates keep them.
+    after = load_run(run_dir).model.trainable_state_dict()
+    for key, value in good.items():
+        assert torch.equal(after[key], value), key

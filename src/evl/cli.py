@@ -15,7 +15,7 @@ from pathlib import Path
 from evl.engine.checkpoint import CheckpointError
 from evl.recipes import RecipeError
 from evl.runtime import tune_cpu_allocator
-from evl.video.decode import VideoDecodeError
+from evl.video.decode import VideoDecodeError, printable_path
 from evl.video.lists import ListFileError
 from evl.weights import WeightFormatError
 
@@ -27,6 +27,7 @@ USER_ERRORS = (
     CheckpointError,
     FileNotFoundError,
     ValueError,
+    FloatingPointError,  # a non-finite loss: the message says where the last good checkpoint is
 )
 
 # Plain flags of `evl train`: (flag, run-config field, type, help).
@@ -107,7 +108,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = {"run_dir": str(result.run_dir), "step": result.step, "final_loss": result.final_loss}
     if result.evaluation is not None:
         summary["val"] = result.evaluation.result.to_dict()
-    print(json.dumps(summary))
+    if os.environ.get("RANK", "0") == "0":  # one summary per distributed run
+        print(json.dumps(summary))
     return 0
 
 
@@ -186,6 +188,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-spatial-views", type=int, choices=(1, 3))
     p.add_argument("--batch-size", type=int, default=4, help="videos per forward pass")
     p.add_argument("--num-workers", type=int)
+    p.add_argument("--on-bad-video", choices=("skip", "error"), help="default: the run's setting")
     p.add_argument("--output", help="metrics JSON (top1, top5, mean_class_accuracy, num_videos, ...)")
     p.add_argument("--out-dir", help="where scores.csv and confusion_matrix.png go (default: RUN_DIR/eval)")
     p.add_argument("--device")
@@ -208,6 +211,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "num_temporal_views": args.num_temporal_views,
         "num_spatial_views": args.num_spatial_views,
         "num_workers": args.num_workers,
+        "on_bad_video": args.on_bad_video,
     }
     data = dataclasses.replace(data, **{k: v for k, v in changes.items() if v is not None})
     if data.val_list is None:
@@ -250,12 +254,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             prediction = predictor.predict(path, topk=args.topk)
         except VideoDecodeError as err:
             failures += 1
-            print(json.dumps({"path": str(path), "error": str(err)}) if args.json else f"error: {err}")
+            shown = printable_path(path)
+            print(json.dumps({"path": shown, "error": str(err)}) if args.json else f"error: {err}")
             continue
         if args.json:
             print(json.dumps(prediction.to_dict()))
         else:
-            print(path)
+            print(printable_path(path))
             for name, prob in zip(prediction.classes, prediction.probabilities, strict=True):
                 print(f"  {prob * 100:6.2f}%  {name}")
     return 1 if failures == len(paths) else 0

@@ -264,10 +264,13 @@ class TrainConfig:
     # classifier of another size stays new and learns head_lr_scale times faster than the rest.
     init_from: str | None = None
     head_lr_scale: float = 1.0
+    on_nonfinite: str = "stop"  # a NaN/inf loss: stop (the last good checkpoint stays) | skip the update
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.batch_split < 1:
             raise ValueError("train.steps, train.batch_size and train.batch_split must be >= 1")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"train.on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.batch_size % self.batch_split:
             raise ValueError(
                 f"train.batch_size {self.batch_size} is not divisible by train.batch_split {self.batch_split}"

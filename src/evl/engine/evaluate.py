@@ -1,4 +1,9 @@
-"""Multi-view evaluation: every video once, softmax averaged over its temporal x spatial views."""
+"""Multi-view evaluation: every video once, softmax averaged over its temporal x spatial views.
+
+A listed video that cannot be decoded (policy ``skip``) is never dropped silently: it is listed in
+``skipped_videos.txt``, counted in ``num_skipped``, and the accuracies are given over both denominators
+(see :class:`EvalSummary`).
+"""
 
 from __future__ import annotations
 
@@ -14,13 +19,48 @@ from tqdm.auto import tqdm
 
 from evl.config import DataConfig
 from evl.engine.checkpoint import atomic_write_text
-from evl.engine.metrics import EvalResult, average_views, confusion_matrix, write_scores
+from evl.engine.metrics import EvalResult, average_views, confusion_matrix, label_ranks, write_scores
 from evl.engine.plots import plot_confusion_matrix
 from evl.models.evl import EVL
 from evl.video.dataset import EvalClips, collate_eval
 from evl.video.lists import VideoEntry
 from evl.video.sampling import SamplingConfig
 from evl.video.transforms import EvalTransform, TransformConfig, build_eval_transform
+
+
+@dataclass(frozen=True)
+class EvalSummary(EvalResult):
+    """An :class:`EvalResult` whose denominators are explicit, for lists with undecodable videos.
+
+    * ``top1``, ``top5``, ``mean_class_accuracy``: over the ``num_videos`` videos that were decoded;
+    * ``top1_listed``, ``top5_listed``: over all ``num_listed = num_videos + num_skipped`` listed videos,
+      a skipped video counting as wrong (so ``top1_listed = top1 * num_videos / num_listed``).
+
+    Without skipped videos each pair is equal. When no video decodes, ``top1`` is NaN and ``top1_listed``
+    is 0. Accuracies are in percent.
+    """
+
+    num_listed: int = 0
+    top1_listed: float = float("nan")
+    top5_listed: float = float("nan")
+
+    @classmethod
+    def from_listed(
+        cls, scores: np.ndarray, labels: np.ndarray, decoded: np.ndarray, num_classes: int
+    ) -> EvalSummary:
+        """From ``scores`` [N, C], ``labels`` [N] and the ``decoded`` mask [N] of all N listed videos
+        (the rows of skipped videos are ignored)."""
+        base = EvalResult.from_scores(
+            scores[decoded], labels[decoded], num_classes, num_skipped=int((~decoded).sum())
+        )
+        ranks = label_ranks(scores[decoded], labels[decoded])
+        listed = len(labels)
+
+        def over_listed(k: int) -> float:
+            return float(100.0 * (ranks < k).sum() / listed) if listed else float("nan")
+
+        top1, top5 = over_listed(1), over_listed(5)
+        return cls(**base.to_dict(), num_listed=listed, top1_listed=top1, top5_listed=top5)
 
 
 @dataclass
@@ -30,7 +70,7 @@ class Evaluation:
     scores: np.ndarray  # [N, C] softmax averaged over views; NaN rows for failed videos
     labels: np.ndarray  # [N]
     paths: list[str]
-    result: EvalResult
+    result: EvalSummary
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
     @property
@@ -79,7 +119,12 @@ def evaluate(
     batch_size: int = 4,
     progress: bool = True,
 ) -> Evaluation:
-    """Scores for every entry: [N, C], one row per list entry, in list order."""
+    """Scores for every entry: [N, C], one row per list entry, in list order.
+
+    With ``data.on_bad_video == "skip"`` an undecodable video gets a NaN row and a ``failed`` record, and
+    counts as wrong in ``result.top1_listed``/``top5_listed`` (see :class:`EvalSummary`); with ``"error"``
+    the first one raises :class:`~evl.video.decode.VideoDecodeError`.
+    """
     model.eval()
     device = next(model.decoder.parameters()).device
     num_classes = model.config.decoder.num_classes
@@ -87,6 +132,7 @@ def evaluate(
     failed: list[tuple[str, str]] = []
     paths = [""] * len(entries)
     seen = np.zeros(len(entries), dtype=bool)
+    decoded = np.zeros(len(entries), dtype=bool)
     bar = tqdm(total=len(entries), desc="eval", unit="video", disable=not progress, leave=False)
     for batch in eval_loader(model, entries, data, batch_size):
         for index, path, reason in batch["failed"]:
@@ -100,21 +146,24 @@ def evaluate(
             scores[batch["index"]] = average_views(logits.cpu(), mode="prob")
             for index, path in zip(batch["index"], batch["path"], strict=True):
                 paths[index] = path
-                seen[index] = True
+                seen[index] = decoded[index] = True
         bar.update(len(batch["failed"]) + len(batch["index"]))
     bar.close()
     if not seen.all():  # a guard on the loader contract: each video exactly once
         raise RuntimeError(f"evaluation missed {int((~seen).sum())} videos")
     labels = np.array([e.label for e in entries], dtype=np.int64)
-    decoded = ~np.isnan(scores).any(axis=1)
-    result = EvalResult.from_scores(scores[decoded], labels[decoded], num_classes, num_skipped=len(failed))
+    result = EvalSummary.from_listed(scores, labels, decoded, num_classes)
     return Evaluation(scores, labels, paths, result, failed)
 
 
 def write_evaluation(
     evaluation: Evaluation, out_dir: Path, class_names: list[str], metrics_path: Path | None
 ) -> None:
-    """Score file, confusion matrix PNG, skipped-video list and metrics JSON of one evaluation."""
+    """Score file, confusion matrix PNG, skipped-video list and metrics JSON of one evaluation.
+
+    ``skipped_videos.txt`` (``path<TAB>reason`` per line) is written only when a video was skipped; one left
+    from an earlier evaluation into the same folder is removed, so it always describes this one.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     ok = evaluation.decoded
     write_scores(
@@ -126,9 +175,10 @@ def write_evaluation(
     preds = evaluation.scores[ok].argmax(axis=1)
     cm = confusion_matrix(preds, evaluation.labels[ok], len(class_names))
     plot_confusion_matrix(cm, class_names, out_dir / "confusion_matrix.png")
+    skipped = out_dir / "skipped_videos.txt"
     if evaluation.failed:
-        atomic_write_text(
-            out_dir / "skipped_videos.txt", "".join(f"{p}\t{r}\n" for p, r in evaluation.failed)
-        )
+        atomic_write_text(skipped, "".join(f"{p}\t{r}\n" for p, r in evaluation.failed))
+    else:
+        skipped.unlink(missing_ok=True)
     if metrics_path is not None:
         atomic_write_text(metrics_path, json.dumps(evaluation.result.to_dict(), indent=2) + "\n")

@@ -36,8 +36,7 @@ from tqdm.auto import tqdm
 
 from evl.config import RunConfig, VisionConfig, to_dict
 from evl.engine.checkpoint import atomic_write_text
-from evl.engine.evaluate import Evaluation, eval_sampling, eval_transform
-from evl.engine.metrics import EvalResult
+from evl.engine.evaluate import EvalSummary, Evaluation, eval_sampling, eval_transform
 from evl.models.evl import EVL, FrameFeatures
 from evl.video.dataset import EvalClips, collate_eval
 from evl.video.lists import VideoEntry
@@ -400,5 +399,5 @@ def evaluate_cached(
     labels = np.array([label for _, label in entries], dtype=np.int64)
     paths = [path for path, _ in entries]
     failed = [(paths[i], "skipped at extraction") for i in np.flatnonzero(status == SKIPPED)]
-    result = EvalResult.from_scores(scores[done], labels[done], num_classes, num_skipped=len(failed))
+    result = EvalSummary.from_listed(scores, labels, status == DONE, num_classes)
     return Evaluation(scores, labels, paths, result, failed)

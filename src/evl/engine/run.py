@@ -81,9 +81,14 @@ def model_config_for(
     )
 
 
-def write_run_files(run_dir: Path, run: RunConfig, model: ModelConfig, classes: list[str]) -> dict[str, Any]:
-    """Write config.json and classes.txt; returns the config payload (also what checkpoints record)."""
+def write_run_files(
+    run_dir: Path, run: RunConfig, model: ModelConfig, classes: list[str], write: bool = True
+) -> dict[str, Any]:
+    """Write config.json and classes.txt (unless ``write`` is false: processes other than the first of a
+    distributed run); returns the config payload (also what checkpoints record)."""
     payload = {"run": to_dict(run), "model": to_dict(model)}
+    if not write:
+        return payload
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
     atomic_write_text(run_dir / CLASSES_FILE, "".join(f"{c}\n" for c in classes))
     return payload

@@ -8,23 +8,36 @@ import csv
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from evl.config import RunConfig
+from evl.config import DataConfig, RunConfig
 from evl.engine.checkpoint import (
+    atomic_write_text,
     find_resumable,
     load_checkpoint,
     save_checkpoint,
 )
-from evl.engine.evaluate import Evaluation, eval_sampling, evaluate
+from evl.engine.distributed import (
+    DistEnv,
+    all_gather_objects,
+    barrier,
+    device_for,
+    init_distributed,
+    shutdown,
+)
+from evl.engine.evaluate import EvalSummary, Evaluation, eval_sampling, evaluate
 from evl.engine.features import BACKBONE_FILE as CACHE_BACKBONE_FILE
 from evl.engine.features import (
     CachedClips,
@@ -43,6 +56,10 @@ from evl.video.lists import VideoEntry, read_class_names, read_list
 from evl.video.transforms import TransformConfig, build_train_transform
 
 _AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# Without --classes, labels 0..max are the classes; a larger maximum is almost surely a malformed list.
+MAX_UNNAMED_CLASSES = 100_000
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -71,7 +88,14 @@ def load_lists(run: RunConfig) -> tuple[list[str], list[VideoEntry], list[VideoE
     train = read_list(data.train_list, num_classes=num_classes, data_root=data.data_root)
     val = read_list(data.val_list, num_classes=num_classes, data_root=data.data_root) if data.val_list else []
     if classes is None:
-        classes = [str(i) for i in range(max(e.label for e in train + val) + 1)]
+        top = max(train + val, key=lambda e: e.label)
+        if top.label >= MAX_UNNAMED_CLASSES:
+            source = data.train_list if top in train else data.val_list
+            raise ValueError(
+                f"{source}:{top.line}: label {top.label} without a class list; "
+                "pass --classes (labels are read as 0..num_classes-1)"
+            )
+        classes = [str(i) for i in range(top.label + 1)]
     return classes, train, val
 
 
@@ -167,20 +191,44 @@ def train(
     """Train (or resume) the run in ``run_dir``; returns the final step, loss and last validation."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dev = pick_device(device)
+    env = init_distributed(pick_device(device))
+    try:
+        return _train(
+            run, run_dir, resume, device_for(env, pick_device(device)), progress and env.is_main, env
+        )
+    finally:
+        shutdown(env)
+
+
+def _train(
+    run: RunConfig, run_dir: Path, resume: str | None, dev: torch.device, progress: bool, env: DistEnv
+) -> TrainResult:
     cfg, data = run.train, run.data
+    if cfg.batch_size % (cfg.batch_split * env.world_size):
+        raise ValueError(
+            f"train.batch_size {cfg.batch_size} is not divisible by batch_split x processes "
+            f"({cfg.batch_split} x {env.world_size})"
+        )
     torch.manual_seed(cfg.seed)
 
     classes, train_entries, val_entries = load_lists(run)
-    if data.features:
+    if data.features and env.is_main:
         adopt_cached_backbone(data.features, run_dir)
+    # Rank 0 first: a random-init backbone is saved by it and loaded by the others.
+    if not env.is_main:
+        barrier(env)
     backbone, backbone_name = build_backbone(run, run_dir)
+    if env.is_main:
+        barrier(env)
     model_config = model_config_for(run, backbone, len(classes), backbone_name)
+    # Seeded here, after the backbone: the decoder starts the same whether the backbone was drawn at random
+    # or read back from a file (a resumed run, a feature cache, another process of a distributed run).
+    torch.manual_seed(cfg.seed)
     model = EVL(model_config, backbone).to(dev)
     val_cache = FeatureCache.open(data.val_features) if data.val_features else None
     for cache_dir in filter(None, (data.features, data.val_features)):
         FeatureCache.open(cache_dir).check_model(model)
-    config_dict = write_run_files(run_dir, run, model_config, classes)
+    config_dict = write_run_files(run_dir, run, model_config, classes, write=env.is_main)
 
     lr_scale = {"head": cfg.head_lr_scale} if cfg.head_lr_scale != 1.0 else None
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, decay_all=cfg.decay_all, lr_scale=lr_scale)
@@ -198,13 +246,20 @@ def train(
     if start >= cfg.steps:
         print(f"{run_dir}: already trained for {start} steps")
         return TrainResult(run_dir, start, float("nan"), None)
+    # Gradients are averaged over processes for the trainable parameters only (DDP skips frozen ones).
+    step_model: torch.nn.Module = model
+    if env.enabled:
+        step_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     dataset, collate = training_data(run, model, classes, train_entries)
-    micro_batch = cfg.batch_size // cfg.batch_split
+    micro_batch = cfg.batch_size // (cfg.batch_split * env.world_size)
     loader = DataLoader(
         dataset,
         batch_size=micro_batch,
-        sampler=StreamSampler(start * cfg.batch_size, (cfg.steps - start) * cfg.batch_size),
+        # Rank r reads stream positions r, r + N, ...: together, the one-process stream, step for step.
+        sampler=StreamSampler(
+            start * cfg.batch_size, (cfg.steps - start) * cfg.batch_size, env.rank, env.world_size
+        ),
         num_workers=data.num_workers,
         collate_fn=collate,
         # Its own generator: creating the iterator must not draw from the global RNG, or a resumed run
@@ -215,7 +270,7 @@ def train(
     )
     batches = iter(loader)
     metrics_csv = run_dir / "metrics.csv"
-    writer = _tensorboard(run_dir)
+    writer = _tensorboard(run_dir) if env.is_main else _NoWriter()
     evaluation: Evaluation | None = None
     loss_value = float("nan")
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress)
@@ -223,28 +278,38 @@ def train(
     for step in range(start + 1, cfg.steps + 1):
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for _ in range(cfg.batch_split):
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for micro in range(cfg.batch_split):
             batch = next(batches)
             if batch["skipped"]:
                 _record_skipped(run_dir, batch["skipped"])
             labels = batch["label"].to(dev, non_blocking=True)
-            with autocast_for(cfg.precision, dev):
-                if "features" in batch:
-                    logits = model.forward_head(to_frame_features(batch["features"], dev))
-                else:
-                    logits = model(batch["video"].to(dev, non_blocking=True))
-            loss = F.cross_entropy(logits.float(), labels) / cfg.batch_split
-            loss.backward()
-            loss_sum += loss.item()
-        if not math.isfinite(loss_sum):
-            raise NonFiniteLossError(
-                f"loss became {loss_sum} at step {step}; "
-                f"the last good checkpoint is kept in {run_dir}/checkpoints"
+            inputs = (
+                to_frame_features(batch["features"], dev)
+                if "features" in batch
+                else batch["video"].to(dev, non_blocking=True)
             )
-        optimizer.step()
+            # Gradients are exchanged once per step, after the last micro-batch.
+            last = micro == cfg.batch_split - 1
+            sync = step_model.no_sync() if env.enabled and not last else contextlib.nullcontext()
+            with sync:
+                with autocast_for(cfg.precision, dev):
+                    logits = step_model(inputs)
+                loss = F.cross_entropy(logits.float(), labels) / cfg.batch_split
+                loss.backward()
+            loss_sum += loss.detach().double().cpu()
+        loss_value = mean_over_processes(env, loss_sum)
+        if not math.isfinite(loss_value):
+            if cfg.on_nonfinite == "stop":
+                raise NonFiniteLossError(
+                    f"loss became {loss_value} at step {step}; "
+                    f"the last good checkpoint is kept in {run_dir}/checkpoints"
+                )
+            tqdm.write(f"warning: loss {loss_value} at step {step}: update skipped", file=sys.stderr)
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
         scheduler.step()
-        loss_value = loss_sum
         lr = optimizer.param_groups[0]["lr"]
         rows = [(step, "train", "loss", loss_value), (step, "train", "lr", lr)]
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -255,18 +320,23 @@ def train(
             if val_cache is not None:
                 evaluation = evaluate_cached(model, val_cache, batch_size=micro_batch, progress=progress)
             else:
-                evaluation = evaluate(
-                    model, val_entries, data, batch_size=max(1, micro_batch // 2), progress=progress
+                evaluation = evaluate_sharded(
+                    env, model, val_entries, data, batch_size=max(1, micro_batch // 2), progress=progress
+                )
+            if evaluation.failed and env.is_main:
+                atomic_write_text(
+                    run_dir / "skipped_val_videos.txt", "".join(f"{p}\t{r}\n" for p, r in evaluation.failed)
                 )
             result = evaluation.result
             rows += [(step, "val", k, v) for k, v in result.to_dict().items() if isinstance(v, float)]
             bar.write(
                 f"step {step}: val top1 {result.top1:.2f} top5 {result.top5:.2f} ({result.num_videos} videos)"
             )
-        _append_metrics(metrics_csv, rows)
+        if env.is_main:
+            _append_metrics(metrics_csv, rows)
         for _, split, name, value in rows:
             writer.add_scalar(f"{split}/{name}", value, step)
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if env.is_main and (step % cfg.save_every == 0 or step == cfg.steps):
             train_state = make_train_state(optimizer, scheduler, data={"position": step * cfg.batch_size})
             save_checkpoint(
                 run_dir, step, model.trainable_state_dict(), train_state, config_dict, cfg.keep_last
@@ -274,8 +344,45 @@ def train(
         bar.update(1)
     bar.close()
     writer.close()
-    plot_training_curves(metrics_csv, run_dir / "training_curves.png")
+    if env.is_main:
+        plot_training_curves(metrics_csv, run_dir / "training_curves.png")
+    barrier(env)  # no process returns before the last checkpoint exists
     return TrainResult(run_dir, cfg.steps, loss_value, evaluation)
+
+
+def mean_over_processes(env: DistEnv, value: torch.Tensor) -> float:
+    """The step's loss averaged over processes (a non-finite loss anywhere makes it non-finite everywhere,
+    so every process takes the same decision to stop or skip)."""
+    if env.enabled:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= env.world_size
+    return float(value)
+
+
+def evaluate_sharded(
+    env: DistEnv, model: EVL, entries: list[VideoEntry], data: DataConfig, batch_size: int, progress: bool
+) -> Evaluation:
+    """Each process scores every N-th video; the per-video scores are gathered so that every video counts
+    exactly once (no padding, no dropped remainder), then summarised as in one process."""
+    if not env.enabled:
+        return evaluate(model, entries, data, batch_size=batch_size, progress=progress)
+    shard = list(range(env.rank, len(entries), env.world_size))
+    part = evaluate(model, [entries[i] for i in shard], data, batch_size=batch_size, progress=progress)
+    pieces = all_gather_objects(env, (shard, part.scores, part.paths, part.failed))
+    num_classes = model.config.decoder.num_classes
+    scores = np.full((len(entries), num_classes), np.nan)
+    paths = [""] * len(entries)
+    failed: list[tuple[str, str]] = []
+    for indices, part_scores, part_paths, part_failed in pieces:
+        scores[indices] = part_scores
+        for i, path in zip(indices, part_paths, strict=True):
+            paths[i] = path
+        failed += part_failed
+    labels = np.array([e.label for e in entries], dtype=np.int64)
+    decoded = ~np.isnan(scores).any(axis=1)
+    result = EvalSummary.from_listed(scores, labels, decoded, num_classes)
+    return Evaluation(scores, labels, paths, result, failed)
 
 
 def _record_skipped(run_dir: Path, skipped: list) -> None:
@@ -283,7 +390,7 @@ def _record_skipped(run_dir: Path, skipped: list) -> None:
         for s in skipped:
             f.write(f"{s.path}\t{s.reason}\n")
     for s in skipped:
-        tqdm.write(f"warning: skipped undecodable video ({s.reason})")
+        tqdm.write(f"warning: skipped undecodable video ({s.reason})", file=sys.stderr)
 
 
 class _NoWriter:

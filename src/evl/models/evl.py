@@ -478,8 +478,11 @@ class EVL(nn.Module):
         """Decoder inputs (from :meth:`extract_features` or a feature cache) -> logits [B, num_classes]."""
         return self.head(self.decoder(features))
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.extract_features(video))
+    def forward(self, x: torch.Tensor | list[FrameFeatures]) -> torch.Tensor:
+        """Videos [B, T, 3, H, W], or decoder inputs from a feature cache -> logits [B, num_classes]."""
+        if isinstance(x, list):
+            return self.forward_head(x)
+        return self.forward_head(self.extract_features(x))
 
     # ----------------------------------------------------------------------------------------------- state
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

@@ -7,6 +7,8 @@ choices made for that sample (clip start, augmentation). A sample is thus a pure
 ``step * batch_size`` sees exactly the data it would have seen.
 
 Videos that cannot be decoded are skipped with a record of why (policy ``skip``), or raise (``error``).
+A skipped training sample is replaced by the next video in the list; a skipped evaluation video stays in the
+output with its reason, so that it is counted, never dropped.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from evl.video.decode import VideoDecodeError, probe, read_frames
+from evl.video.decode import VideoDecodeError, printable_path, probe, read_frames
 from evl.video.lists import VideoEntry, resolve_path
 from evl.video.sampling import SamplingConfig, temporal_views
 from evl.video.transforms import EvalTransform, TrainTransform
@@ -31,6 +33,8 @@ MAX_REPLACEMENTS = 10
 
 @dataclass(frozen=True)
 class SkippedVideo:
+    """A video left out, and why; ``path`` is printable (see :func:`evl.video.decode.printable_path`)."""
+
     path: str
     reason: str
 
@@ -97,7 +101,8 @@ class TrainClips(Dataset):
         rng, generator = _generators(self.seed, position)
         index = self.index_at(position)
         skipped: list[SkippedVideo] = []
-        for attempt in range(MAX_REPLACEMENTS + 1):
+        attempts = min(MAX_REPLACEMENTS + 1, len(self.entries))  # a short list: each video once
+        for attempt in range(attempts):
             entry = self.entries[(index + attempt) % len(self.entries)]
             path = resolve_path(entry, self.data_root)
             try:
@@ -105,12 +110,13 @@ class TrainClips(Dataset):
             except VideoDecodeError as err:
                 if self.on_bad_video == "error":
                     raise
-                skipped.append(SkippedVideo(str(path), str(err)))
+                skipped.append(SkippedVideo(printable_path(path), str(err)))
                 continue
             video, label = self.transform(clips[0], entry.label, generator)
             return {"video": video, "label": label, "index": index, "skipped": skipped}
         raise VideoDecodeError(
-            f"{MAX_REPLACEMENTS + 1} videos in a row could not be decoded, the last: {skipped[-1].reason}"
+            f"{attempts} videos in a row could not be decoded (is the data root right?); "
+            f"the last: {skipped[-1].reason}"
         )
 
 
@@ -144,7 +150,7 @@ class EvalClips(Dataset):
         item: dict[str, Any] = {
             "label": entry.label,
             "index": index,
-            "path": str(path),
+            "path": printable_path(path),  # goes into score files and reports, which are UTF-8
             "video": None,
             "error": None,
         }

@@ -19,6 +19,7 @@ seek lands after the wanted frame (approximate MPEG-TS seeks), decoding starts o
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,16 +29,42 @@ from pathlib import Path
 import av
 import numpy as np
 
-__all__ = ["VideoDecodeError", "VideoMeta", "probe", "read_frames"]
+__all__ = ["MAX_FRAME_PIXELS", "VideoDecodeError", "VideoMeta", "printable_path", "probe", "read_frames"]
 
 PathLike = str | os.PathLike
 
 # More packets than any encoder reorders (x264 allows at most 16 B-frames).
 _MAX_REORDER = 32
 
+# Larger frames are refused before decoding: twice 8K UHD, far above any dataset, and a clip of such frames
+# would take gigabytes. A header declaring a size is enough to trip it, so a hostile file costs nothing.
+MAX_FRAME_PIXELS = 8192 * 8192
+
+# How a DataLoader worker's exception reaches the main process: type(err)(this text + the worker's traceback).
+_WORKER_RERAISE = "Caught VideoDecodeError in DataLoader worker"
+
 
 class VideoDecodeError(RuntimeError):
-    """A video that cannot be opened or decoded; the message is one line naming the file and the reason."""
+    """A video that cannot be opened or decoded; the message is one line naming the file and the reason.
+
+    Raised in a DataLoader worker, it reaches the main process rebuilt from a text that holds the worker's
+    whole traceback; the constructor keeps only the original one-line message.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        message = str(message)
+        if message.startswith(_WORKER_RERAISE):
+            # The traceback's last line is "evl.video.decode.VideoDecodeError: <message>".
+            last = message.rstrip("\n").rsplit("\n", 1)[-1]
+            _, found, original = last.partition("VideoDecodeError: ")
+            message = original if found else last
+        super().__init__(message)
+
+
+def printable_path(path: PathLike) -> str:
+    """``path`` as text that any stream or UTF-8 file accepts: the bytes of a file name that is not valid
+    UTF-8 (kept by Python as lone surrogates) are shown as ``\\xNN`` escapes."""
+    return os.fsdecode(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -64,7 +91,7 @@ def probe(path: PathLike) -> VideoMeta:
     with _open_video(path) as (container, stream):
         first = next(_iter_frames(container, stream), None)
         if first is None:
-            raise VideoDecodeError(f"{path}: no decodable video frames")
+            raise VideoDecodeError(f"{printable_path(path)}: no decodable video frames")
         fps = _frame_rate(stream)
         duration = _duration(container, stream)
         num_frames = stream.frames
@@ -88,8 +115,9 @@ def read_frames(path: PathLike, indices: Sequence[int], meta: VideoMeta | None =
         uint8 [len(indices), H, W, 3], H and W being the displayed size.
 
     Raises:
-        VideoDecodeError: the file is missing, not a video, has no video stream or no decodable frame,
-            or its data is corrupted or truncated before a requested frame.
+        VideoDecodeError: the file is missing, unreadable, a directory, empty, not a video, has no video
+            stream, no decodable frame or frames larger than ``MAX_FRAME_PIXELS``, or its data is corrupted
+            or truncated before a requested frame.
         ValueError: ``indices`` is not a 1-D sequence of non-negative integers.
     """
     order = _as_indices(indices)
@@ -100,7 +128,7 @@ def read_frames(path: PathLike, indices: Sequence[int], meta: VideoMeta | None =
     with _open_video(path) as (container, stream):
         picked = _decode_range(container, stream, wanted)
         if not picked:
-            raise VideoDecodeError(f"{path}: no decodable video frames")
+            raise VideoDecodeError(f"{printable_path(path)}: no decodable video frames")
         # Several indices can share one frame (padding, repeats): convert each frame once.
         images = {id(frame): _to_rgb(frame, stream) for frame in picked.values()}
     return np.stack([images[id(picked[index])] for index in order.tolist()])
@@ -183,7 +211,7 @@ def _packet_pts(path: str, stream_index: int, max_packets: int | None = None) ->
     before it can still be decoded.
     """
     pts: list[int] = []
-    with av.open(path) as container:
+    with av.open(path, metadata_errors="ignore") as container:
         packets = container.demux(container.streams[stream_index])
         try:
             for packet in packets:
@@ -225,7 +253,7 @@ def _decode_range(
     for index in wanted[len(picked) :]:
         if index < timeline.num_frames:
             raise VideoDecodeError(
-                f"{container.name}: truncated or corrupted video data: frame {index} of "
+                f"{printable_path(container.name)}: truncated or corrupted video data: frame {index} of "
                 f"{timeline.num_frames} could not be decoded"
             )
         picked[index] = last
@@ -308,31 +336,47 @@ def _rotation(frame: av.VideoFrame, stream: av.VideoStream) -> int:
 @contextmanager
 def _open_video(path: PathLike) -> Iterator[tuple[av.container.InputContainer, av.VideoStream]]:
     """Open the first video stream for threaded decoding; every PyAV error becomes a VideoDecodeError."""
-    _check_file(Path(path))
+    shown = printable_path(path)
+    _check_file(Path(path), shown)
     try:
         opened = av.open(str(path), metadata_errors="ignore")
+    except PermissionError:
+        raise VideoDecodeError(f"{shown}: permission denied") from None
     except (av.FFmpegError, OSError, UnicodeDecodeError) as err:
-        raise VideoDecodeError(f"{path}: not a readable video file ({_reason(err)})") from err
+        raise VideoDecodeError(f"{shown}: not a readable video file ({_reason(err)})") from err
     with opened as container:
         if not container.streams.video:
             kinds = ", ".join(stream.type for stream in container.streams) or "none"
-            raise VideoDecodeError(f"{path}: no video stream (streams found: {kinds})")
+            raise VideoDecodeError(f"{shown}: no video stream (streams found: {kinds})")
         stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > MAX_FRAME_PIXELS:
+            raise VideoDecodeError(
+                f"{shown}: frame size {width}x{height} is too large (limit {MAX_FRAME_PIXELS} pixels)"
+            )
         stream.thread_type = "AUTO"  # frame and slice threads: several times faster on multi-core CPUs
         try:
             yield container, stream
         except av.FFmpegError as err:
-            raise VideoDecodeError(f"{path}: corrupted video data ({_reason(err)})") from err
+            raise VideoDecodeError(f"{shown}: corrupted video data ({_reason(err)})") from err
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path, shown: str) -> None:
     # Checked up front: FFmpeg's messages for these cases are vague ("Invalid data found").
-    if not path.exists():
-        raise VideoDecodeError(f"{path}: file not found")
-    if path.is_dir():
-        raise VideoDecodeError(f"{path}: is a directory, not a video file")
-    if path.stat().st_size == 0:
-        raise VideoDecodeError(f"{path}: empty file (0 bytes)")
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise VideoDecodeError(f"{shown}: file not found") from None
+    except NotADirectoryError:
+        raise VideoDecodeError(f"{shown}: file not found (a parent of it is a file)") from None
+    except PermissionError:
+        raise VideoDecodeError(f"{shown}: permission denied") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        raise VideoDecodeError(f"{shown}: cannot access the file ({_reason(err)})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise VideoDecodeError(f"{shown}: is a directory, not a video file")
+    if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+        raise VideoDecodeError(f"{shown}: empty file (0 bytes)")
 
 
 def _reason(err: BaseException) -> str:
@@ -368,8 +412,8 @@ def _duration(container: av.container.InputContainer, stream: av.VideoStream) ->
 def _count_packets(path: PathLike) -> int:
     """Number of frames in the first video stream, counted by demuxing (no decoding)."""
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path), metadata_errors="ignore") as container:
             stream = container.streams.video[0]
             return sum(1 for packet in container.demux(stream) if packet.size and not packet.is_discard)
     except av.FFmpegError as err:
-        raise VideoDecodeError(f"{path}: cannot count frames ({_reason(err)})") from err
+        raise VideoDecodeError(f"{printable_path(path)}: cannot count frames ({_reason(err)})") from err

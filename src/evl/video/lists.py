@@ -81,10 +81,16 @@ def read_list(
       not end in an integer label), with a path column (one of ``PATH_COLUMNS``) and a label column (one
       of ``LABEL_COLUMNS``); other columns are ignored.
 
+    The text is UTF-8 (a BOM is dropped; CRLF and CR line endings are accepted); bytes of a path that are
+    not valid UTF-8 are kept as the raw file name, as ``os.fsdecode`` keeps them. A UTF-16 file is an error.
+
     Labels must be non-negative integers, below ``num_classes`` when it is given. The same path listed
-    twice is an error. With ``check_files=True`` every video must exist under ``data_root``.
+    twice (after normalisation, e.g. ``./a.mp4`` and ``a.mp4``) is an error, even with the same label: in
+    training it would silently double a video's weight, in evaluation count it twice. With
+    ``check_files=True`` every video must exist under ``data_root``; otherwise a missing video is found,
+    and skipped or refused, when it is loaded.
     """
-    text = _read_text(path, "list file")
+    text = _read_text(path, "list file", raw_bytes=True)
     lines = text.split("\n")
     rows = _csv_rows(path, text) if _looks_like_csv(path, lines) else _plain_rows(path, lines)
     entries = [_make_entry(path, line, video, label, num_classes) for line, video, label in rows]
@@ -114,7 +120,7 @@ def write_list(path: PathLike, entries: Iterable[VideoEntry]) -> None:
         for entry in entries:
             _check_plain_path(entry.path)
         text = "".join(f"{entry.path} {entry.label}\n" for entry in entries)
-    _atomic_write_text(path, text)
+    _atomic_write_text(path, text, errors="surrogateescape")  # file names that are not UTF-8 round-trip
 
 
 def _plain_rows(path: PathLike, lines: Sequence[str]) -> Iterator[tuple[int, str, str]]:
@@ -168,6 +174,8 @@ def _looks_like_csv(path: PathLike, lines: Sequence[str]) -> bool:
 
 
 def _make_entry(path: PathLike, line: int, video: str, label: str, num_classes: int | None) -> VideoEntry:
+    if "\0" in video:  # no file name can hold one; the OS would refuse it deep inside training
+        raise ListFileError(f"{path}:{line}: path {video!r} contains a NUL byte")
     label = label.strip()
     if not _INTEGER.fullmatch(label):
         raise ListFileError(f"{path}:{line}: label {label!r} is not an integer")
@@ -350,28 +358,52 @@ def _check_unique(path: PathLike, items: Sequence[tuple[int, str]], what: str, w
         seen[value] = place
 
 
-def _read_text(path: PathLike, what: str) -> str:
-    """The file's text with any UTF-8 BOM removed and line endings normalised to ``\\n``."""
+def _read_text(path: PathLike, what: str, raw_bytes: bool = False) -> str:
+    """The file's text with any UTF-8 BOM removed and line endings (CRLF, CR) normalised to ``\\n``.
+
+    The text must be UTF-8. With ``raw_bytes`` (list files, whose paths are file names), bytes that are not
+    UTF-8 are kept as lone surrogates, as ``os.fsdecode`` keeps them, so a file whose name is not UTF-8
+    can still be listed byte for byte.
+    """
     try:
-        # utf-8-sig drops a BOM; universal newlines turn CRLF and CR into \n.
-        return Path(path).read_text(encoding="utf-8-sig")
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise ListFileError(f"{path}: {what} not found") from None
     except IsADirectoryError:
         raise ListFileError(f"{path}: {what} is a directory") from None
-    except UnicodeDecodeError as err:
-        raise ListFileError(f"{path}: {what} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except OSError as err:
         raise ListFileError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    for bom, encoding in _UTF16_32_BOMS:
+        if data.startswith(bom):
+            raise ListFileError(f"{path}: {what} is {encoding} text; save it as UTF-8")
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    try:
+        text = data.decode("utf-8", errors="surrogateescape" if raw_bytes else "strict")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ListFileError(
+            f"{path}:{line}: {what} is not UTF-8 text (byte 0x{data[err.start]:02x} at column {column})"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _atomic_write_text(path: PathLike, text: str) -> None:
+# Longest first: the UTF-32-LE mark starts with the UTF-16-LE one.
+_UTF16_32_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
+
+
+def _atomic_write_text(path: PathLike, text: str, errors: str = "strict") -> None:
     """Write through a temporary file in the same folder, so readers never see a half-written file."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as file:
+        with os.fdopen(fd, "w", encoding="utf-8", errors=errors, newline="\n") as file:
             file.write(text)
         os.replace(tmp, target)
     except BaseException:
