@@ -192,6 +192,7 @@ def measure_cached_step(bench: BenchConfig, device: torch.device, batch: int) ->
 
     config = bench.model_config()
     model = EVL(config).to(device).train()
+    model.decoder.checkpoint_memory = False  # as `evl train --features` runs it
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)
     num_rows = 2 * batch
     with tempfile.TemporaryDirectory() as tmp:

@@ -225,6 +225,8 @@ def _train(
     # or read back from a file (a resumed run, a feature cache, another process of a distributed run).
     torch.manual_seed(cfg.seed)
     model = EVL(model_config, backbone).to(dev)
+    if data.features:  # no backbone activations to make room for: keep the memory instead of rebuilding it
+        model.decoder.checkpoint_memory = False
     val_cache = FeatureCache.open(data.val_features) if data.val_features else None
     for cache_dir in filter(None, (data.features, data.val_features)):
         FeatureCache.open(cache_dir).check_model(model)
