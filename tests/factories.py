@@ -19,6 +19,30 @@ HF_TINY = dict(
 )
 
 
+def random_resblocks(randn, width: int, layers: int, mlp: int) -> dict[str, torch.Tensor]:
+    """``transformer.resblocks.N.*`` of a CLIP tower (either side), drawn with ``randn(*shape, std=...)``."""
+    state = {}
+    for i in range(layers):
+        p = f"transformer.resblocks.{i}"
+        state.update(
+            {
+                f"{p}.attn.in_proj_weight": randn(3 * width, width, std=width**-0.5),
+                f"{p}.attn.in_proj_bias": randn(3 * width, std=0.05),
+                f"{p}.attn.out_proj.weight": randn(width, width, std=width**-0.5),
+                f"{p}.attn.out_proj.bias": randn(width, std=0.05),
+                f"{p}.ln_1.weight": 1 + randn(width, std=0.1),
+                f"{p}.ln_1.bias": randn(width, std=0.05),
+                f"{p}.ln_2.weight": 1 + randn(width, std=0.1),
+                f"{p}.ln_2.bias": randn(width, std=0.05),
+                f"{p}.mlp.c_fc.weight": randn(mlp, width, std=width**-0.5),
+                f"{p}.mlp.c_fc.bias": randn(mlp, std=0.05),
+                f"{p}.mlp.c_proj.weight": randn(width, mlp, std=mlp**-0.5),
+                f"{p}.mlp.c_proj.bias": randn(width, std=0.05),
+            }
+        )
+    return state
+
+
 def random_openai_visual(
     width=48, layers=3, patch=8, image_size=40, mlp=37, output_dim=24, seed=0
 ) -> dict[str, torch.Tensor]:
@@ -39,24 +63,7 @@ def random_openai_visual(
         "ln_post.bias": randn(width, std=0.05),
         "proj": randn(width, output_dim, std=width**-0.5),
     }
-    for i in range(layers):
-        p = f"transformer.resblocks.{i}"
-        state.update(
-            {
-                f"{p}.attn.in_proj_weight": randn(3 * width, width, std=width**-0.5),
-                f"{p}.attn.in_proj_bias": randn(3 * width, std=0.05),
-                f"{p}.attn.out_proj.weight": randn(width, width, std=width**-0.5),
-                f"{p}.attn.out_proj.bias": randn(width, std=0.05),
-                f"{p}.ln_1.weight": 1 + randn(width, std=0.1),
-                f"{p}.ln_1.bias": randn(width, std=0.05),
-                f"{p}.ln_2.weight": 1 + randn(width, std=0.1),
-                f"{p}.ln_2.bias": randn(width, std=0.05),
-                f"{p}.mlp.c_fc.weight": randn(mlp, width, std=width**-0.5),
-                f"{p}.mlp.c_fc.bias": randn(mlp, std=0.05),
-                f"{p}.mlp.c_proj.weight": randn(width, mlp, std=mlp**-0.5),
-                f"{p}.mlp.c_proj.bias": randn(width, std=0.05),
-            }
-        )
+    state.update(random_resblocks(randn, width, layers, mlp))
     return state
 
 
@@ -159,24 +166,7 @@ def random_openai_text(
         "ln_final.bias": randn(width, std=0.05),
         "text_projection": randn(width, output_dim, std=width**-0.5),
     }
-    for i in range(layers):
-        p = f"transformer.resblocks.{i}"
-        state.update(
-            {
-                f"{p}.attn.in_proj_weight": randn(3 * width, width, std=width**-0.5),
-                f"{p}.attn.in_proj_bias": randn(3 * width, std=0.05),
-                f"{p}.attn.out_proj.weight": randn(width, width, std=width**-0.5),
-                f"{p}.attn.out_proj.bias": randn(width, std=0.05),
-                f"{p}.ln_1.weight": 1 + randn(width, std=0.1),
-                f"{p}.ln_1.bias": randn(width, std=0.05),
-                f"{p}.ln_2.weight": 1 + randn(width, std=0.1),
-                f"{p}.ln_2.bias": randn(width, std=0.05),
-                f"{p}.mlp.c_fc.weight": randn(mlp, width, std=width**-0.5),
-                f"{p}.mlp.c_fc.bias": randn(mlp, std=0.05),
-                f"{p}.mlp.c_proj.weight": randn(width, mlp, std=mlp**-0.5),
-                f"{p}.mlp.c_proj.bias": randn(width, std=0.05),
-            }
-        )
+    state.update(random_resblocks(randn, width, layers, mlp))
     return state
 
 

@@ -9,7 +9,6 @@ hardware does (two per multiply-add) for the achieved-GFLOP/s figures.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import multiprocessing as mp
 import platform
@@ -36,6 +35,7 @@ from evl.engine.features import (
     to_frame_features,
 )
 from evl.engine.optim import build_optimizer
+from evl.engine.train import autocast_for
 from evl.flops import count_flops
 from evl.models.evl import EVL
 from evl.runtime import tune_cpu_allocator
@@ -103,13 +103,6 @@ def _video(batch: int, config: ModelConfig, device: torch.device) -> torch.Tenso
     return torch.randn(batch, config.decoder.num_frames, 3, size, size, device=device)
 
 
-def _decoder_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    # The trainer's "auto" precision: bf16 on CUDA; fp32 on CPUs, which emulate half precision.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # -------------------------------------------------------------------------------------- measurements
 # Each runs in its own process and returns a dict of plain numbers.
 
@@ -133,7 +126,7 @@ def measure_train_step(
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with _decoder_autocast(device):
+        with autocast_for("auto", device):
             logits = model(video)
         F.cross_entropy(logits.float(), labels).backward()
         optimizer.step()
@@ -155,7 +148,7 @@ def measure_inference(bench: BenchConfig, device: torch.device, batch: int) -> d
     video = _video(batch, config, device)
 
     def forward() -> None:
-        with torch.inference_mode(), _decoder_autocast(device):
+        with torch.inference_mode(), autocast_for("auto", device):
             model(video)
 
     seconds = _median_time(forward, bench.repeats, device)
@@ -215,7 +208,7 @@ def measure_cached_step(bench: BenchConfig, device: torch.device, batch: int) ->
                      for _ in range(batch)]  # fmt: skip
             features = to_frame_features(collate_cached(items)["features"], device)
             optimizer.zero_grad(set_to_none=True)
-            with _decoder_autocast(device):
+            with autocast_for("auto", device):
                 logits = model.forward_head(features)
             F.cross_entropy(logits.float(), labels).backward()
             optimizer.step()

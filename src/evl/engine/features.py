@@ -38,7 +38,7 @@ from evl.config import RunConfig, VisionConfig, to_dict
 from evl.engine.checkpoint import atomic_write_text
 from evl.engine.evaluate import EvalSummary, Evaluation, eval_sampling, eval_transform
 from evl.models.evl import EVL, FrameFeatures
-from evl.video.dataset import EvalClips, collate_eval
+from evl.video.dataset import EvalClips, StreamOrder, collate_eval
 from evl.video.lists import VideoEntry
 
 FORMAT_VERSION = 1
@@ -188,14 +188,15 @@ class FeatureCache:
         return rows
 
     # ------------------------------------------------------------------------------------------- checks
-    def check_model(self, model: EVL) -> None:
-        """One-line error unless ``model`` reads exactly what this cache holds."""
+    def check_model(self, model: EVL, fingerprint: str | None = None) -> None:
+        """One-line error unless ``model`` reads exactly what this cache holds (``fingerprint``: the
+        model's :func:`backbone_fingerprint`, when already computed)."""
         meta, config = self.meta, model.config
         if VisionConfig(**_tupled(meta.backbone)) != config.backbone:
             raise FeatureCacheError(
                 f"{self.root}: made with another backbone configuration than this model's"
             )
-        if backbone_fingerprint(model.backbone) != meta.fingerprint:
+        if (fingerprint or backbone_fingerprint(model.backbone)) != meta.fingerprint:
             raise FeatureCacheError(f"{self.root}: made with other backbone weights than this model's")
         missing = sorted(set(model.blocks) - set(meta.blocks))
         if missing:
@@ -254,16 +255,13 @@ class CachedClips(Dataset):
         if not len(self.rows):
             raise FeatureCacheError(f"{cache.root}: no usable videos")
         self.labels = [label for _, label in cache.entries()]
-        self._order: tuple[int, np.ndarray] | None = None
+        self.stream = StreamOrder(len(self.rows), seed)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def index_at(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self.rows))
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.rows)))
-        return int(self.rows[self._order[1][offset]])
+        return int(self.rows[self.stream.index_at(position)])
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         index = self.index_at(position)

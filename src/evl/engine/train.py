@@ -42,6 +42,7 @@ from evl.engine.features import BACKBONE_FILE as CACHE_BACKBONE_FILE
 from evl.engine.features import (
     CachedClips,
     FeatureCache,
+    backbone_fingerprint,
     collate_cached,
     evaluate_cached,
     to_frame_features,
@@ -129,14 +130,16 @@ def initialise_from(model: EVL, source: str | Path) -> None:
 
 
 def training_data(
-    run: RunConfig, model: EVL, classes: list[str], entries: list[VideoEntry]
+    run: RunConfig,
+    model: EVL,
+    classes: list[str],
+    entries: list[VideoEntry],
+    cache: FeatureCache | None = None,
 ) -> tuple[Dataset, Callable]:
-    """The training stream: augmented clips decoded from videos, or rows of a feature cache."""
+    """The training stream: augmented clips decoded from videos, or rows of a feature ``cache``."""
     data = run.data
-    if data.features:
-        return CachedClips(
-            FeatureCache.open(data.features), model.blocks, seed=run.train.seed
-        ), collate_cached
+    if cache is not None:
+        return CachedClips(cache, model.blocks, seed=run.train.seed), collate_cached
     transform = build_train_transform(
         TransformConfig.from_backbone(
             model.config.backbone,
@@ -191,11 +194,10 @@ def train(
     """Train (or resume) the run in ``run_dir``; returns the final step, loss and last validation."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = init_distributed(pick_device(device))
+    requested = pick_device(device)
+    env = init_distributed(requested)
     try:
-        return _train(
-            run, run_dir, resume, device_for(env, pick_device(device)), progress and env.is_main, env
-        )
+        return _train(run, run_dir, resume, device_for(env, requested), progress and env.is_main, env)
     finally:
         shutdown(env)
 
@@ -227,9 +229,13 @@ def _train(
     model = EVL(model_config, backbone).to(dev)
     if data.features:  # no backbone activations to make room for: keep the memory instead of rebuilding it
         model.decoder.checkpoint_memory = False
+    train_cache = FeatureCache.open(data.features) if data.features else None
     val_cache = FeatureCache.open(data.val_features) if data.val_features else None
-    for cache_dir in filter(None, (data.features, data.val_features)):
-        FeatureCache.open(cache_dir).check_model(model)
+    caches = [c for c in (train_cache, val_cache) if c is not None]
+    if caches:
+        fingerprint = backbone_fingerprint(model.backbone)  # hashes every backbone weight: once
+        for cache in caches:
+            cache.check_model(model, fingerprint)
     config_dict = write_run_files(run_dir, run, model_config, classes, write=env.is_main)
 
     lr_scale = {"head": cfg.head_lr_scale} if cfg.head_lr_scale != 1.0 else None
@@ -253,7 +259,7 @@ def _train(
     if env.enabled:
         step_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    dataset, collate = training_data(run, model, classes, train_entries)
+    dataset, collate = training_data(run, model, classes, train_entries, train_cache)
     micro_batch = cfg.batch_size // (cfg.batch_split * env.world_size)
     loader = DataLoader(
         dataset,

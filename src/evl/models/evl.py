@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from evl.config import DecoderConfig, ModelConfig
 from evl.models.clip_vit import BlockFeatures, CLIPVisionTransformer
-from evl.models.layers import LayerNorm, QuickGELU
+from evl.models.layers import LayerNorm, QuickGELU, load_exact_subset
 
 # ----------------------------------------------------------------------------------------- temporal modules
 
@@ -367,10 +367,6 @@ def resolve_backbone_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown backbone dtype {name!r}; expected auto, {', '.join(_DTYPES)}") from None
 
 
-def _preview(keys: list[str], limit: int = 5) -> str:
-    return str(keys[:limit]) + ("..." if len(keys) > limit else "")
-
-
 class EVL(nn.Module):
     """Video classifier: videos [B, T, 3, H, W] (normalised) -> logits [B, num_classes]."""
 
@@ -499,18 +495,10 @@ class EVL(nn.Module):
         self, state: Mapping[str, torch.Tensor], source: str = "checkpoint"
     ) -> None:
         """Strict load of :meth:`trainable_state_dict`, with one-line errors for mismatched keys or shapes."""
-        own = self.trainable_state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(
-                f"{source} does not match the model: missing {_preview(missing)}, "
-                f"unexpected {_preview(unexpected)}"
-            )
-        for key, value in state.items():
-            if tuple(value.shape) != tuple(own[key].shape):
-                raise ValueError(
-                    f"{source}: {key} has shape {tuple(value.shape)} but the model expects "
-                    f"{tuple(own[key].shape)} (different width, frame count or number of classes?)"
-                )
-        self.load_state_dict(state, strict=False)
+        load_exact_subset(
+            self,
+            self.trainable_state_dict(),
+            state,
+            source,
+            shape_hint=" (different width, frame count or number of classes?)",
+        )

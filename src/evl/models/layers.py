@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,3 +33,34 @@ def activation_layer(name: str) -> nn.Module:
     if name == "gelu":
         return nn.GELU()
     raise ValueError(f"unknown activation {name!r}; expected 'quick_gelu' or 'gelu'")
+
+
+def preview_keys(keys: list[str], limit: int = 5) -> str:
+    """The first ``limit`` keys, for one-line error messages."""
+    return str(keys[:limit]) + ("..." if len(keys) > limit else "")
+
+
+def load_exact_subset(
+    module: nn.Module,
+    own: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    model_note: str = "",
+    shape_hint: str = "",
+) -> None:
+    """Load ``state`` into ``module`` when its keys and shapes are exactly those of ``own`` (the part of the
+    module's state a checkpoint holds); otherwise a one-line ValueError naming ``source``."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not match the model{model_note}: missing {preview_keys(missing)}, "
+            f"unexpected {preview_keys(unexpected)}"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(
+                f"{source}: {key} has shape {tuple(value.shape)} but the model expects "
+                f"{tuple(own[key].shape)}{shape_hint}"
+            )
+    module.load_state_dict(state, strict=False)

@@ -24,6 +24,7 @@ from torch import nn
 from evl.models.clip_text import CLIPTextTransformer
 from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.evl import resolve_backbone_dtype
+from evl.models.layers import load_exact_subset
 
 __all__ = [
     "TUNE_MODES",
@@ -63,10 +64,6 @@ def build_prompts(class_names: Sequence[str], templates: Sequence[str] = (VIFI_T
 
 def _clear_text_cache_after_load(module: VideoCLIP, incompatible_keys: Any) -> None:
     module.clear_text_cache()
-
-
-def _preview(keys: list[str], limit: int = 5) -> str:
-    return str(keys[:limit]) + ("..." if len(keys) > limit else "")
 
 
 class VideoCLIP(nn.Module):
@@ -275,21 +272,14 @@ class VideoCLIP(nn.Module):
         self, state: Mapping[str, torch.Tensor], source: str = "checkpoint"
     ) -> None:
         """Strict load of :meth:`trainable_state_dict`, with one-line errors for mismatched keys or shapes."""
-        own = self.trainable_state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(
-                f"{source} does not match the model (tune={self.tune!r}): missing {_preview(missing)}, "
-                f"unexpected {_preview(unexpected)}"
-            )
-        for key, value in state.items():
-            if tuple(value.shape) != tuple(own[key].shape):
-                raise ValueError(
-                    f"{source}: {key} has shape {tuple(value.shape)} but the model expects "
-                    f"{tuple(own[key].shape)} (a different CLIP architecture?)"
-                )
-        self.load_state_dict(state, strict=False)
+        load_exact_subset(
+            self,
+            self.trainable_state_dict(),
+            state,
+            source,
+            model_note=f" (tune={self.tune!r})",
+            shape_hint=" (a different CLIP architecture?)",
+        )
 
     def param_groups(self, lr: float, weight_decay: float, decay_all: bool = True) -> list[dict[str, Any]]:
         """AdamW parameter groups over the trainable parameters, each with ``lr`` set.

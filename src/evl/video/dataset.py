@@ -57,6 +57,24 @@ def _generators(seed: int, position: int) -> tuple[np.random.Generator, torch.Ge
     return rng, torch.Generator().manual_seed(int(rng.integers(2**62)))
 
 
+class StreamOrder:
+    """Stream position -> item index: epoch ``e`` is a permutation of the ``n`` items seeded by
+    ``(seed, e)``, so the order depends on nothing but the seed (not on workers, processes or resumption)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self._epoch: tuple[int, np.ndarray] | None = None  # the current epoch's permutation
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, np.random.default_rng([self.seed, epoch, 1]).permutation(self.n))
+        return self._epoch[1]
+
+    def index_at(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        return int(self.order(epoch)[offset])
+
+
 class TrainClips(Dataset):
     """Stream position -> one augmented clip.
 
@@ -80,22 +98,13 @@ class TrainClips(Dataset):
         self.transform = transform
         self.seed = seed
         self.on_bad_video = on_bad_video
-        self._order_cache: dict[int, np.ndarray] = {}
+        self.stream = StreamOrder(len(self.entries), seed)
 
     def __len__(self) -> int:  # one epoch; the stream itself is unbounded
         return len(self.entries)
 
-    def order(self, epoch: int) -> np.ndarray:
-        """The permutation of video indices used in ``epoch``."""
-        if epoch not in self._order_cache:
-            self._order_cache = {
-                epoch: np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.entries))
-            }
-        return self._order_cache[epoch]
-
     def index_at(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self.entries))
-        return int(self.order(epoch)[offset])
+        return self.stream.index_at(position)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         rng, generator = _generators(self.seed, position)
