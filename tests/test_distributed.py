@@ -14,6 +14,8 @@ import torch
 from evl.engine.run import load_run
 from evl.synth import make_dataset
 
+STEPS, LR = 6, 1e-6
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
@@ -36,14 +38,14 @@ def args(dataset, run_dir):
         "--backbone", "random:ViT-T/16@112",
         "--num-frames", "4",
         "--frame-stride", "2",
-        "--steps", "3",
+        "--steps", str(STEPS),
         "--batch-size", "4",
         # Adam divides by sqrt(v): an entry with a near-zero gradient moves by ~lr whatever the rounding of
         # the gradient sum (which differs between an all-reduce and one batch); a small lr keeps that
-        # below the 1e-6 the two runs are compared at.
-        "--lr", "1e-5",
-        "--eval-every", "3",
-        "--save-every", "3",
+        # well below the 1e-6 the two runs are compared at (1e-5 was not, on some generated videos).
+        "--lr", str(LR),
+        "--eval-every", str(STEPS),
+        "--save-every", str(STEPS),
         "--num-workers", "0",
         "--decoder-layers", "2",
         # Dropout masks come from each process's own generator; without dropout the two runs must agree.
@@ -85,13 +87,14 @@ def test_two_gloo_processes_match_one_process(dataset, tmp_path):
     a = load_run(single).model.trainable_state_dict()
     b = load_run(double).model.trainable_state_dict()
     assert a.keys() == b.keys()
-    # The runs did move the weights (the cross-attention tables start at zero), by far more than 1e-6.
-    assert a["decoder.cross_attention.0.w_prev"].abs().max() > 1e-5
+    # The runs did move the weights (the cross-attention tables start at zero; Adam moves an entry by about
+    # lr per step), by more than the tolerance they are compared at.
+    assert a["decoder.cross_attention.0.w_prev"].abs().max() > 3 * LR
     assert summaries[0]["final_loss"] == pytest.approx(summary_single["final_loss"], abs=1e-6)
     for key in a:
         if key.endswith("attn.k_proj.bias"):
             # Its gradient is zero in exact arithmetic (it shifts all scores of a query equally): what is
             # left is rounding noise, which Adam's normalisation turns into steps of up to lr either way.
-            assert (a[key] - b[key]).abs().max() <= 2 * 3 * 1e-5
+            assert (a[key] - b[key]).abs().max() <= 2 * STEPS * LR
             continue
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
