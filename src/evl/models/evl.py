@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from evl.config import DecoderConfig, ModelConfig
+from evl.config import DecoderConfig, ModelConfig, VisionConfig
 from evl.models.clip_vit import BlockFeatures, CLIPVisionTransformer
 from evl.models.layers import LayerNorm, QuickGELU, load_exact_subset
 
@@ -389,6 +389,15 @@ class EVL(nn.Module):
     @property
     def frozen(self) -> bool:
         return self.config.freeze_backbone
+
+    @property
+    def vision_config(self) -> VisionConfig:
+        """The image encoder's config: input size and normalisation for the data pipeline."""
+        return self.config.backbone
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.decoder.num_classes
 
     def train(self, mode: bool = True) -> EVL:
         super().train(mode)
