@@ -148,7 +148,7 @@ def test_init_from_another_run_with_a_new_classifier(dataset, tmp_path, capsys):
     deeper = train_args(dataset, tmp_path / "deeper", steps=2, extra=["--init-from", str(source)])
     deeper[deeper.index("--decoder-layers") + 1] = "3"
     assert main(deeper) == 2
-    assert "decoder does not match" in capsys.readouterr().err
+    assert "weights do not match this model" in capsys.readouterr().err
 
 
 def test_shortened_demo_runs_end_to_end(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ USER_ERRORS = (
 
 # Plain flags of `evl train`: (flag, run-config field, type, help).
 TRAIN_FLAGS = [
+    ("--method", "method.name", str, "evl (default) | vifi | xclip | zeroshot"),
+    ("--tune", "method.tune", str, "ViFi-CLIP: which CLIP encoders train: both | image | text"),
     ("--data-root", "data.data_root", str, "folder the list files' paths are relative to"),
     ("--train-list", "data.train_list", str, "training list: 'relpath label' per line, or CSV"),
     ("--val-list", "data.val_list", str, "validation list"),
@@ -51,6 +54,7 @@ TRAIN_FLAGS = [
     ("--batch-split", "train.batch_split", int, "micro-batches per step (gradient accumulation)"),
     ("--lr", "train.lr", float, "peak learning rate"),
     ("--weight-decay", "train.weight_decay", float, "AdamW weight decay"),
+    ("--label-smoothing", "train.label_smoothing", float, "cross-entropy label smoothing"),
     ("--warmup-steps", "train.warmup_steps", int, "linear warm-up steps"),
     ("--precision", "train.precision", str, "decoder autocast: auto | float32 | bfloat16 | float16"),
     ("--eval-every", "train.eval_every", int, "validate every N steps"),
@@ -76,7 +80,10 @@ def _dest(field: str) -> str:
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train an EVL decoder on a frozen CLIP backbone")
+    p = sub.add_parser(
+        "train",
+        help="train a video model on CLIP: EVL (default), ViFi-CLIP, X-CLIP; or set up zero-shot CLIP",
+    )
     p.add_argument("--config", help="YAML recipe: a path or a shipped name such as k400_b16_8f")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
     p.add_argument(
@@ -105,7 +112,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     run = build_run_config(args.config, args.set, **flags)
     resume = None if args.resume == "none" else args.resume
     result = train(run, args.output_dir, resume=resume, device=args.device, progress=not args.quiet)
-    summary = {"run_dir": str(result.run_dir), "step": result.step, "final_loss": result.final_loss}
+    loss = result.final_loss if math.isfinite(result.final_loss) else None  # JSON has no NaN
+    summary = {"run_dir": str(result.run_dir), "step": result.step, "final_loss": loss}
     if result.evaluation is not None:
         summary["val"] = result.evaluation.result.to_dict()
     if os.environ.get("RANK", "0") == "0":  # one summary per distributed run
@@ -128,14 +136,18 @@ def _add_extract_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     for flag, field, type_, help_ in TRAIN_FLAGS:
-        if not field.startswith("train.") and field not in ("data.features", "data.val_features"):
+        if not field.startswith(("train.", "method.")) and field not in (
+            "data.features",
+            "data.val_features",
+        ):
             p.add_argument(flag, dest=_dest(field), type=type_, help=help_)
     p.set_defaults(func=_cmd_extract)
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     from evl.engine.features import extract
-    from evl.engine.run import build_backbone, model_config_for, pick_device
+    from evl.engine.methods import build_backbone, model_config_for
+    from evl.engine.run import pick_device
     from evl.engine.train import load_lists
     from evl.models.evl import EVL
     from evl.recipes import build_run_config
@@ -179,11 +191,76 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the model comes from: a run directory, or CLIP weights for zero-shot classification."""
+    p.add_argument(
+        "source", metavar="RUN_DIR", help="a run directory; or CLIP weights with --method zeroshot"
+    )
+    p.add_argument(
+        "--method", choices=("zeroshot",), help="zeroshot: SOURCE is CLIP weights, nothing trained"
+    )
+    p.add_argument(
+        "--classes", help="class names to predict (text methods: any list; default: the run's classes)"
+    )
+    p.add_argument(
+        "--template",
+        action="append",
+        dest="templates",
+        metavar="TEXT",
+        help="class prompt with {} for the name, repeatable (text methods; default: the method's own)",
+    )
+    p.add_argument("--num-frames", type=int, help="zero-shot from CLIP weights: frames per clip (default 8)")
+    p.add_argument("--frame-stride", type=int, help="zero-shot from CLIP weights: frame stride (default 16)")
+    p.add_argument("--sampling", choices=("dense", "segment"), help="zero-shot from CLIP weights: sampling")
+    p.add_argument("--device")
+
+
+def _load_source(args: argparse.Namespace):
+    """The model to evaluate or predict with: a run directory's, or zero-shot CLIP from weights."""
+    import dataclasses
+
+    from evl.config import DataConfig, MethodConfig
+    from evl.engine.methods import set_classes
+    from evl.engine.run import CONFIG_FILE, load_run, zeroshot_run
+    from evl.video.lists import read_class_names
+
+    templates = tuple(args.templates) if args.templates else None
+    source = Path(args.source)
+    if args.method == "zeroshot" and not (source / CONFIG_FILE).is_file():
+        if not args.classes:
+            raise ValueError("zero-shot classification from CLIP weights needs --classes (class names)")
+        flags = {"num_frames": args.num_frames, "frame_stride": args.frame_stride, "sampling": args.sampling}
+        data = DataConfig(**{k: v for k, v in flags.items() if v is not None})
+        method = MethodConfig(name="zeroshot", templates=templates)
+        return zeroshot_run(source, read_class_names(args.classes), data, method, device=args.device)
+    loaded = load_run(source, device=args.device)
+    if loaded.run.method.name != "evl":
+        method = loaded.run.method
+        if templates is not None:
+            method = dataclasses.replace(method, templates=templates)
+            loaded.run = dataclasses.replace(loaded.run, method=method)
+        if args.classes or templates is not None:
+            loaded.classes = read_class_names(args.classes) if args.classes else loaded.classes
+            set_classes(loaded.model, method, loaded.classes)
+    elif args.classes or templates is not None:
+        if templates is not None:
+            raise ValueError(f"{source}: an EVL run has a trained classifier, not class prompts (--template)")
+        names = read_class_names(args.classes)
+        set_classes(loaded.model, loaded.run.method, names)  # same count, new names
+        loaded.classes = names
+    return loaded
+
+
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a run on a list of videos (multi-view)")
-    p.add_argument("run_dir")
+    p = sub.add_parser("eval", help="evaluate a run (or zero-shot CLIP) on a list of videos (multi-view)")
+    _add_source_arguments(p)
     p.add_argument("--val-list", help="list to evaluate (default: the run's validation list)")
     p.add_argument("--data-root", help="folder the list's paths are relative to (default: the run's)")
+    p.add_argument(
+        "--base-novel",
+        metavar="SPLIT_DIR",
+        help="a folder from 'evl splits base-novel': report base, novel and harmonic-mean accuracy",
+    )
     p.add_argument("--num-temporal-views", type=int)
     p.add_argument("--num-spatial-views", type=int, choices=(1, 3))
     p.add_argument("--batch-size", type=int, default=4, help="videos per forward pass")
@@ -191,7 +268,6 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-bad-video", choices=("skip", "error"), help="default: the run's setting")
     p.add_argument("--output", help="metrics JSON (top1, top5, mean_class_accuracy, num_videos, ...)")
     p.add_argument("--out-dir", help="where scores.csv and confusion_matrix.png go (default: RUN_DIR/eval)")
-    p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
@@ -199,11 +275,11 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from evl.engine.evaluate import evaluate, write_evaluation
-    from evl.engine.run import load_run
+    from evl.engine.checkpoint import atomic_write_text
+    from evl.engine.evaluate import evaluate, evaluate_base_novel, write_evaluation
     from evl.video.lists import read_list
 
-    loaded = load_run(args.run_dir, device=args.device)
+    loaded = _load_source(args)
     data = loaded.run.data
     changes = {
         "val_list": args.val_list,
@@ -214,11 +290,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "on_bad_video": args.on_bad_video,
     }
     data = dataclasses.replace(data, **{k: v for k, v in changes.items() if v is not None})
+    default_out = (loaded.run_dir or Path(".")) / "eval"
+    out_dir = Path(args.out_dir) if args.out_dir else default_out
+    progress = not args.quiet
+    if args.base_novel:
+        result = evaluate_base_novel(
+            loaded.model, loaded.run.method, Path(args.base_novel), data, args.batch_size, progress, out_dir
+        )
+        if args.output:
+            atomic_write_text(args.output, json.dumps(result.to_dict(), indent=2) + "\n")
+        print(
+            f"base {result.base.top1:.2f}  novel {result.novel.top1:.2f}  harmonic mean "
+            f"{result.harmonic_mean:.2f}  ({result.base.num_videos} + {result.novel.num_videos} videos; "
+            f"scores in {out_dir}/base and {out_dir}/novel)"
+        )
+        return 0
     if data.val_list is None:
         raise ValueError("no list to evaluate: pass --val-list")
     entries = read_list(data.val_list, num_classes=len(loaded.classes), data_root=data.data_root)
-    evaluation = evaluate(loaded.model, entries, data, batch_size=args.batch_size, progress=not args.quiet)
-    out_dir = Path(args.out_dir) if args.out_dir else loaded.run_dir / "eval"
+    evaluation = evaluate(loaded.model, entries, data, batch_size=args.batch_size, progress=progress)
     write_evaluation(evaluation, out_dir, loaded.classes, Path(args.output) if args.output else None)
     result = evaluation.result
     print(
@@ -232,19 +322,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="classify video files with a trained run")
-    p.add_argument("run_dir")
+    p = sub.add_parser("predict", help="classify video files with a trained run (or zero-shot CLIP)")
+    _add_source_arguments(p)
     p.add_argument("videos", nargs="+", help="video files or folders")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON object per video")
-    p.add_argument("--device")
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from evl.engine.predict import expand_video_paths, load
+    from evl.engine.predict import Predictor, expand_video_paths
 
-    predictor = load(args.run_dir, device=args.device)
+    predictor = Predictor(_load_source(args))
     paths = expand_video_paths(args.videos)
     if not paths:
         raise FileNotFoundError(f"no video files in {' '.join(args.videos)}")
@@ -264,6 +353,73 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             for name, prob in zip(prediction.classes, prediction.probabilities, strict=True):
                 print(f"  {prob * 100:6.2f}%  {name}")
     return 1 if failures == len(paths) else 0
+
+
+def _add_splits_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("splits", help="few-shot and base-to-novel splits (seeded, deterministic)")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    few = kinds.add_parser("few-shot", help="K videos per class: LIST_few_shot_K.txt for each K (nested)")
+    few.add_argument("--list", required=True, help="the full training list")
+    few.add_argument("--k", default="2,4,8,16", help="shots per class, comma-separated")
+    few.add_argument("--seed", type=int, default=0)
+    few.add_argument("--data-root", help="check that every listed video exists under this folder")
+    few.add_argument("--allow-fewer", action="store_true", help="a class with fewer videos keeps them all")
+    few.add_argument("--out-dir", required=True)
+    few.set_defaults(func=_cmd_splits)
+    bn = kinds.add_parser(
+        "base-novel", help="base classes (few-shot training, base_val) and novel classes (novel_val)"
+    )
+    bn.add_argument("--list", required=True, help="the full training list")
+    bn.add_argument("--classes", required=True, help="class names of the full list")
+    bn.add_argument("--val-list", help="the full validation list (-> base_val.txt, novel_val.txt)")
+    bn.add_argument("--shots", type=int, default=16, help="training videos per base class")
+    bn.add_argument("--seeds", default="1,2,3", help="one training list per seed: fs_base_s{seed}_train.txt")
+    bn.add_argument(
+        "--split-seed", type=int, help="draw the base classes with this seed (default: first half)"
+    )
+    bn.add_argument("--num-base", type=int, help="number of base classes (default: half, rounded up)")
+    bn.add_argument("--base-classes", help="class-names file of the base classes (e.g. a published split)")
+    bn.add_argument("--allow-fewer", action="store_true", help="a class with fewer videos keeps them all")
+    bn.add_argument("--out-dir", required=True)
+    bn.set_defaults(func=_cmd_splits)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def _cmd_splits(args: argparse.Namespace) -> int:
+    from evl.splits import write_base_novel_lists, write_few_shot_lists
+
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    if args.kind == "few-shot":
+        paths = write_few_shot_lists(
+            args.list,
+            args.out_dir,
+            ks=_int_list(args.k, "--k"),
+            seed=args.seed,
+            data_root=args.data_root,
+            allow_fewer=args.allow_fewer,
+        )
+    else:
+        paths = write_base_novel_lists(
+            args.list,
+            args.classes,
+            args.out_dir,
+            shots=args.shots,
+            seeds=_int_list(args.seeds, "--seeds"),
+            val_list=args.val_list,
+            split_seed=args.split_seed,
+            num_base=args.num_base,
+            base_classes=args.base_classes,
+            allow_fewer=args.allow_fewer,
+        )
+    for path in paths:
+        print(path)
+    return 0
 
 
 def _add_synth_parser(sub: argparse._SubParsersAction) -> None:
@@ -379,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_extract_parser,
         _add_eval_parser,
         _add_predict_parser,
+        _add_splits_parser,
         _add_synth_parser,
         _add_flops_parser,
         _add_bench_parser,

@@ -265,10 +265,14 @@ class TrainConfig:
     init_from: str | None = None
     head_lr_scale: float = 1.0
     on_nonfinite: str = "stop"  # a NaN/inf loss: stop (the last good checkpoint stays) | skip the update
+    label_smoothing: float = 0.0  # X-CLIP and ViFi-CLIP train with 0.1
+    betas: tuple[float, float] | None = None  # AdamW betas; None: the method's (EVL 0.999, X-CLIP/ViFi 0.98)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.batch_split < 1:
             raise ValueError("train.steps, train.batch_size and train.batch_split must be >= 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.batch_size % self.batch_split:
@@ -277,17 +281,87 @@ class TrainConfig:
             )
 
 
+# The video models built on a CLIP backbone: EVL (frozen image encoder + decoder), ViFi-CLIP (both encoders
+# fine-tuned, frames averaged, classes matched by text), X-CLIP (cross-frame communication, integration
+# transformer, video-specific prompts) and zero-shot CLIP (no training).
+METHODS = ("evl", "vifi", "xclip", "zeroshot")
+NORMALIZATIONS = ("auto", "clip", "imagenet")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Which video model a run trains, and the settings of the methods that classify by text.
+
+    ``templates`` are the class prompts (``{}`` is the class name); None takes the method's own: ViFi-CLIP
+    ``"a photo of a {}."``, X-CLIP and zero-shot CLIP the bare name. ``normalization`` "auto" follows the
+    reference code of each method: CLIP statistics for EVL and zero-shot CLIP, ImageNet statistics for
+    ViFi-CLIP and X-CLIP (whose shared data pipeline uses them).
+    """
+
+    name: str = "evl"
+    templates: tuple[str, ...] | None = None
+    normalization: str = "auto"
+    text_heads: int | None = None  # text-tower heads, for checkpoints not using width // 64
+    tune: str = "both"  # ViFi-CLIP: both | image | text (which encoders train)
+    # X-CLIP
+    mit_layers: int = 1
+    prompt_layers: int = 2
+    prompt_alpha: float = 0.1
+    droppath: float = 0.0
+    freeze_text: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ValueError(f"method.name must be one of {', '.join(METHODS)}, got {self.name!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"method.normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}"
+            )
+        if self.tune not in ("both", "image", "text"):
+            raise ValueError(f"method.tune must be both, image or text, got {self.tune!r}")
+        for template in self.templates or ():
+            if "{}" not in template:
+                raise ValueError(f"method.templates: {template!r} has no {{}} for the class name")
+        if self.templates is not None and not self.templates:
+            raise ValueError("method.templates is empty: give at least one, or leave it unset")
+
+    @property
+    def uses_text(self) -> bool:
+        """Whether classes are matched by text embeddings (any class list, no fixed classifier)."""
+        return self.name != "evl"
+
+    def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """(mean, std) of this method's input frames, or None for the image encoder's own."""
+        choice = self.normalization
+        if choice == "auto":
+            # NOTE(ref): ViFi-CLIP and X-CLIP normalise with ImageNet statistics although CLIP was trained
+            # with its own; EVL and vanilla CLIP use CLIP's (the encoder's).
+            choice = "imagenet" if self.name in ("vifi", "xclip") else "own"
+        return {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}.get(choice)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+
+RUN_SECTIONS: dict[str, type] = {
+    "backbone": BackboneSpec,
+    "decoder": DecoderConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "method": MethodConfig,
+}
 
 
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Inverse of :func:`to_dict` for a :class:`RunConfig` (unknown sections or fields are errors)."""
-    sections = {"backbone": BackboneSpec, "decoder": DecoderConfig, "data": DataConfig, "train": TrainConfig}
+    """Inverse of :func:`to_dict` for a :class:`RunConfig` (unknown sections or fields are errors; a
+    missing section takes its defaults, so configs saved before a section existed still load)."""
+    sections = RUN_SECTIONS
     unknown = set(data) - set(sections)
     if unknown:
         raise ValueError(f"RunConfig: unknown sections {sorted(unknown)}; expected {sorted(sections)}")

@@ -32,11 +32,8 @@ from typing import Any
 import yaml
 
 from evl.config import (
-    BackboneSpec,
-    DataConfig,
-    DecoderConfig,
+    RUN_SECTIONS,
     RunConfig,
-    TrainConfig,
     run_config_from_dict,
     to_dict,
 )
@@ -52,12 +49,7 @@ __all__ = [
     "save_resolved",
 ]
 
-SECTIONS: dict[str, type] = {
-    "backbone": BackboneSpec,
-    "decoder": DecoderConfig,
-    "data": DataConfig,
-    "train": TrainConfig,
-}
+SECTIONS: dict[str, type] = RUN_SECTIONS
 BASE_KEY = "_base_"
 
 # Fields that follow other settings; setting them by hand could only disagree with what they follow.
@@ -414,7 +406,9 @@ def build_run_config(
         section, key, value = parse_override(text)
         apply(section, key, value, f"--set {text}")
 
-    built = {name: _construct(name, values[name], sources) for name in ("backbone", "data", "train")}
+    built = {
+        name: _construct(name, values[name], sources) for name in ("backbone", "data", "train", "method")
+    }
     values["decoder"]["num_frames"] = built["data"].num_frames
     built["decoder"] = _construct("decoder", values["decoder"], sources)
     return RunConfig(**built)

@@ -17,13 +17,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from evl.config import DataConfig
+from evl.config import DataConfig, MethodConfig
 from evl.engine.checkpoint import atomic_write_text
+from evl.engine.methods import inference_context, set_classes
 from evl.engine.metrics import EvalResult, average_views, confusion_matrix, label_ranks, write_scores
 from evl.engine.plots import plot_confusion_matrix
-from evl.models.evl import EVL
+from evl.splits import harmonic_mean
 from evl.video.dataset import EvalClips, collate_eval
-from evl.video.lists import VideoEntry
+from evl.video.lists import VideoEntry, read_class_names, read_list
 from evl.video.sampling import SamplingConfig
 from evl.video.transforms import EvalTransform, TransformConfig, build_eval_transform
 
@@ -87,13 +88,19 @@ def eval_sampling(data: DataConfig) -> SamplingConfig:
     )
 
 
-def eval_transform(model: EVL, data: DataConfig) -> EvalTransform:
+def eval_transform(model: torch.nn.Module, data: DataConfig) -> EvalTransform:
     return build_eval_transform(
-        TransformConfig.from_backbone(model.config.backbone, num_spatial_views=data.num_spatial_views)
+        TransformConfig.from_backbone(model.vision_config, num_spatial_views=data.num_spatial_views)
     )
 
 
-def eval_loader(model: EVL, entries: Sequence[VideoEntry], data: DataConfig, batch_size: int) -> DataLoader:
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def eval_loader(
+    model: torch.nn.Module, entries: Sequence[VideoEntry], data: DataConfig, batch_size: int
+) -> DataLoader:
     dataset = EvalClips(
         entries,
         data.data_root,
@@ -113,7 +120,7 @@ def eval_loader(model: EVL, entries: Sequence[VideoEntry], data: DataConfig, bat
 
 @torch.no_grad()
 def evaluate(
-    model: EVL,
+    model: torch.nn.Module,
     entries: Sequence[VideoEntry],
     data: DataConfig,
     batch_size: int = 4,
@@ -126,28 +133,30 @@ def evaluate(
     the first one raises :class:`~evl.video.decode.VideoDecodeError`.
     """
     model.eval()
-    device = next(model.decoder.parameters()).device
-    num_classes = model.config.decoder.num_classes
+    device = model_device(model)
+    num_classes = model.num_classes
     scores = np.full((len(entries), num_classes), np.nan, dtype=np.float64)
     failed: list[tuple[str, str]] = []
     paths = [""] * len(entries)
     seen = np.zeros(len(entries), dtype=bool)
     decoded = np.zeros(len(entries), dtype=bool)
     bar = tqdm(total=len(entries), desc="eval", unit="video", disable=not progress, leave=False)
-    for batch in eval_loader(model, entries, data, batch_size):
-        for index, path, reason in batch["failed"]:
-            failed.append((path, reason))
-            paths[index] = path
-            seen[index] = True
-        if batch["video"] is not None:
-            video = batch["video"].to(device, non_blocking=True)  # [B, V, T, 3, S, S]
-            b, v = video.shape[:2]
-            logits = model(video.flatten(0, 1)).float().view(b, v, -1)
-            scores[batch["index"]] = average_views(logits.cpu(), mode="prob")
-            for index, path in zip(batch["index"], batch["path"], strict=True):
+    # Text methods encode their class prompts once for the whole evaluation.
+    with inference_context(model):
+        for batch in eval_loader(model, entries, data, batch_size):
+            for index, path, reason in batch["failed"]:
+                failed.append((path, reason))
                 paths[index] = path
-                seen[index] = decoded[index] = True
-        bar.update(len(batch["failed"]) + len(batch["index"]))
+                seen[index] = True
+            if batch["video"] is not None:
+                video = batch["video"].to(device, non_blocking=True)  # [B, V, T, 3, S, S]
+                b, v = video.shape[:2]
+                logits = model(video.flatten(0, 1)).float().view(b, v, -1)
+                scores[batch["index"]] = average_views(logits.cpu(), mode="prob")
+                for index, path in zip(batch["index"], batch["path"], strict=True):
+                    paths[index] = path
+                    seen[index] = decoded[index] = True
+            bar.update(len(batch["failed"]) + len(batch["index"]))
     bar.close()
     if not seen.all():  # a guard on the loader contract: each video exactly once
         raise RuntimeError(f"evaluation missed {int((~seen).sum())} videos")
@@ -182,3 +191,62 @@ def write_evaluation(
         skipped.unlink(missing_ok=True)
     if metrics_path is not None:
         atomic_write_text(metrics_path, json.dumps(evaluation.result.to_dict(), indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------- base-to-novel
+
+
+@dataclass(frozen=True)
+class BaseNovelResult:
+    """The base-to-novel protocol: base videos classified among the base classes, novel videos among the
+    novel classes (the model never saw them), and the harmonic mean of the two top-1 accuracies."""
+
+    base: EvalSummary
+    novel: EvalSummary
+    harmonic_mean: float
+
+    def to_dict(self) -> dict:
+        return {
+            "base_top1": self.base.top1,
+            "novel_top1": self.novel.top1,
+            "harmonic_mean": self.harmonic_mean,
+            "base": self.base.to_dict(),
+            "novel": self.novel.to_dict(),
+        }
+
+
+def evaluate_base_novel(
+    model: torch.nn.Module,
+    method: MethodConfig,
+    split_dir: Path,
+    data: DataConfig,
+    batch_size: int = 4,
+    progress: bool = True,
+    out_dir: Path | None = None,
+) -> BaseNovelResult:
+    """Evaluate a text-matching model on a split written by :func:`evl.splits.write_base_novel_lists`
+    (``base_val.txt`` + ``base_classes.txt``, ``novel_val.txt`` + ``novel_classes.txt``).
+
+    The model's class list is changed for each half (and left on the novel classes). With ``out_dir``,
+    each half's scores and confusion matrix go to ``out_dir/base`` and ``out_dir/novel``.
+    """
+    if not method.uses_text:
+        raise ValueError(
+            f"--base-novel: novel classes can only be predicted by a text-matching method (vifi, xclip, "
+            f"zeroshot), not by {method.name}'s fixed classifier"
+        )
+    results = {}
+    for half in ("base", "novel"):
+        val_list, classes_file = split_dir / f"{half}_val.txt", split_dir / f"{half}_classes.txt"
+        for path in (val_list, classes_file):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: not found (write the split with 'evl splits base-novel')")
+        classes = read_class_names(classes_file)
+        set_classes(model, method, classes)
+        entries = read_list(val_list, num_classes=len(classes), data_root=data.data_root)
+        evaluation = evaluate(model, entries, data, batch_size=batch_size, progress=progress)
+        if out_dir is not None:
+            write_evaluation(evaluation, out_dir / half, classes, out_dir / half / "metrics.json")
+        results[half] = evaluation.result
+    base, novel = results["base"], results["novel"]
+    return BaseNovelResult(base, novel, harmonic_mean(base.top1, novel.top1))

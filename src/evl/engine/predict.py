@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from evl.engine.evaluate import eval_sampling, eval_transform
+from evl.engine.evaluate import eval_sampling, eval_transform, model_device
+from evl.engine.methods import inference_context
 from evl.engine.metrics import average_views
 from evl.engine.run import LoadedRun, load_run
 from evl.video.dataset import load_views
@@ -59,8 +60,8 @@ class Predictor:
     def probabilities(self, path: str | Path) -> torch.Tensor:
         """Class probabilities [C] of one video (softmax averaged over views)."""
         views = load_views(Path(path), self.sampling, self.transform)  # [V, T, 3, S, S]
-        device = next(self.model.decoder.parameters()).device
-        logits = self.model(views.to(device)).float().cpu()
+        with inference_context(self.model):
+            logits = self.model(views.to(model_device(self.model))).float().cpu()
         return torch.from_numpy(average_views(logits[None], mode="prob")[0])
 
     def predict(self, path: str | Path, topk: int = 5) -> Prediction:

@@ -2,10 +2,12 @@
 
 ```
 RUN_DIR/
-  config.json            the resolved RunConfig (``run``) and ModelConfig (``model``)
+  config.json            the resolved RunConfig (``run``), the method, and what was built (``model``)
   classes.txt            class names, one per line (index = label)
-  backbone.safetensors   only for random-init backbones, which no file elsewhere could restore
-  checkpoints/           decoder + head weights (safetensors) and optimiser state, see engine.checkpoint
+  backbone.safetensors   only for random-init CLIP weights, which no file elsewhere could restore
+  checkpoints/           trained weights (safetensors) and optimiser state, see engine.checkpoint:
+                         EVL decoder + head; ViFi-CLIP the tuned encoders; X-CLIP all but the text tower
+                         (zero-shot runs have none)
   metrics.csv            step,split,name,value
   skipped_videos.txt     videos that could not be decoded, with the reason
   tb/                    TensorBoard events
@@ -16,31 +18,42 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from torch import nn
 
 from evl.config import (
-    VISION_PRESETS,
-    ModelConfig,
+    BackboneSpec,
+    DataConfig,
+    MethodConfig,
     RunConfig,
     model_config_from_dict,
     run_config_from_dict,
     to_dict,
-    vision_preset,
 )
-from evl.engine.checkpoint import atomic_path, atomic_write_text, load_checkpoint
-from evl.models.clip_vit import CLIPVisionTransformer
-from evl.models.evl import EVL
-from evl.models.registry import create_backbone
+from evl.engine.checkpoint import atomic_write_text, load_checkpoint
+from evl.engine.methods import BACKBONE_FILE, build_model, has_trainable_parameters
 from evl.video.lists import read_class_names
+
+__all__ = [
+    "BACKBONE_FILE",
+    "CLASSES_FILE",
+    "CONFIG_FILE",
+    "LoadedRun",
+    "RunDirError",
+    "load_run",
+    "pick_device",
+    "read_run_config",
+    "write_run_files",
+    "zeroshot_run",
+]
 
 CONFIG_FILE = "config.json"
 CLASSES_FILE = "classes.txt"
-BACKBONE_FILE = "backbone.safetensors"
 
 
 class RunDirError(FileNotFoundError):
@@ -53,40 +66,15 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_backbone(run: RunConfig, run_dir: Path) -> tuple[CLIPVisionTransformer, str]:
-    """The run's backbone; a random-init one is saved into the run so later commands get the same one."""
-    saved = run_dir / BACKBONE_FILE
-    if saved.is_file():
-        name = run.backbone.name.removeprefix("random:")
-        heads = run.backbone.heads or (vision_preset(name).heads if name in VISION_PRESETS else None)
-        module, _ = create_backbone(saved, heads=heads)
-        return module, name
-    module, name = create_backbone(run.backbone.name, heads=run.backbone.heads)
-    if run.backbone.name.startswith("random:"):
-        with atomic_path(saved) as tmp:
-            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
-    return module, name
-
-
-def model_config_for(
-    run: RunConfig, backbone: CLIPVisionTransformer, num_classes: int, name: str
-) -> ModelConfig:
-    decoder = dataclasses.replace(run.decoder, num_frames=run.data.num_frames, num_classes=num_classes)
-    return ModelConfig(
-        backbone=backbone.config,
-        decoder=decoder,
-        backbone_name=name,
-        freeze_backbone=run.backbone.freeze,
-        backbone_dtype=run.backbone.dtype,
-    )
-
-
 def write_run_files(
-    run_dir: Path, run: RunConfig, model: ModelConfig, classes: list[str], write: bool = True
+    run_dir: Path, run: RunConfig, model: dict[str, Any], classes: list[str], write: bool = True
 ) -> dict[str, Any]:
     """Write config.json and classes.txt (unless ``write`` is false: processes other than the first of a
-    distributed run); returns the config payload (also what checkpoints record)."""
-    payload = {"run": to_dict(run), "model": to_dict(model)}
+    distributed run); returns the config payload (also what checkpoints record).
+
+    ``model`` describes the built model (:class:`~evl.engine.methods.BuiltModel` ``payload``).
+    """
+    payload = {"run": to_dict(run), "method": run.method.name, "model": model}
     if not write:
         return payload
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
@@ -96,32 +84,74 @@ def write_run_files(
 
 @dataclass
 class LoadedRun:
-    run_dir: Path
+    run_dir: Path | None  # None for a zero-shot model built without a run directory
     run: RunConfig
-    model: EVL
+    model: nn.Module
     classes: list[str]
     step: int
 
 
-def read_run_config(run_dir: str | Path) -> tuple[RunConfig, ModelConfig]:
+def read_run_config(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
+    """The run config and the saved description of its model (``config.json``)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise RunDirError(f"{run_dir}: not a run directory (no {CONFIG_FILE}); train one with 'evl train'")
     payload: dict[str, Any] = json.loads(path.read_text())
-    return run_config_from_dict(payload["run"]), model_config_from_dict(payload["model"])
+    run = run_config_from_dict(payload["run"])
+    if run.method.name == "evl":
+        model_config_from_dict(payload["model"])  # a damaged EVL description fails here, by name
+    return run, payload["model"]
+
+
+def _differences(saved: Any, built: Any, where: str = "") -> list[str]:
+    """Dotted keys where two JSON values differ."""
+    if isinstance(saved, dict) and isinstance(built, dict):
+        keys = sorted(set(saved) | set(built))
+        return [d for k in keys for d in _differences(saved.get(k), built.get(k), f"{where}.{k}".lstrip("."))]
+    return [] if saved == built else [f"{where or '<root>'}: saved {saved!r}, now {built!r}"]
 
 
 def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> LoadedRun:
-    """The model of a run directory at its latest complete checkpoint, in eval mode."""
+    """The model of a run directory at its latest complete checkpoint, in eval mode.
+
+    A zero-shot run has nothing trained and no checkpoint; its model is CLIP as configured.
+    """
     run_dir = Path(run_dir)
-    run, model_config = read_run_config(run_dir)
-    backbone, _ = build_backbone(run, run_dir)
-    if backbone.config != model_config.backbone:
-        raise RunDirError(
-            f"{run_dir}: the backbone {run.backbone.name} differs from the one the run was trained on"
-        )
-    model = EVL(model_config, backbone)
-    checkpoint = load_checkpoint(run_dir)
-    model.load_trainable_state_dict(checkpoint.model_state, source=str(checkpoint.path))
+    run, saved = read_run_config(run_dir)
     classes = read_class_names(run_dir / CLASSES_FILE)
-    return LoadedRun(run_dir, run, model.to(pick_device(device)).eval(), classes, checkpoint.step)
+    built = build_model(run, run_dir, classes)
+    differences = _differences(saved, json.loads(json.dumps(built.payload)))  # tuples -> lists, as saved
+    if differences:
+        raise RunDirError(
+            f"{run_dir}: the model built from {run.backbone.name} differs from the one the run was trained "
+            f"on ({'; '.join(differences[:3])})"
+        )
+    model, step = built.model, 0
+    if has_trainable_parameters(model):
+        checkpoint = load_checkpoint(run_dir)
+        model.load_trainable_state_dict(checkpoint.model_state, source=str(checkpoint.path))
+        step = checkpoint.step
+    return LoadedRun(run_dir, run, model.to(pick_device(device)).eval(), classes, step)
+
+
+def zeroshot_run(
+    clip: str | Path,
+    classes: Sequence[str],
+    data: DataConfig | None = None,
+    method: MethodConfig | None = None,
+    heads: int | None = None,
+    device: str | torch.device | None = None,
+) -> LoadedRun:
+    """Zero-shot CLIP over ``classes`` from CLIP weights alone (no run directory, no training).
+
+    ``data`` sets frames, sampling and views (defaults: 8 dense frames, one view); ``method`` the prompt
+    templates and normalisation (its name is forced to ``zeroshot``).
+    """
+    if str(clip).startswith("random:"):
+        raise ValueError("zero-shot classification needs trained CLIP weights: pass a checkpoint path")
+    method = dataclasses.replace(method or MethodConfig(), name="zeroshot")
+    run = RunConfig(
+        backbone=BackboneSpec(name=str(clip), heads=heads), data=data or DataConfig(), method=method
+    )
+    built = build_model(run, None, list(classes))
+    return LoadedRun(None, run, built.model.to(pick_device(device)).eval(), list(classes), 0)

@@ -47,11 +47,11 @@ from evl.engine.features import (
     evaluate_cached,
     to_frame_features,
 )
-from evl.engine.optim import build_optimizer, build_scheduler
+from evl.engine.methods import BACKBONE_FILE, build_method_optimizer, build_model, has_trainable_parameters
+from evl.engine.optim import build_scheduler
 from evl.engine.plots import plot_training_curves
-from evl.engine.run import BACKBONE_FILE, build_backbone, model_config_for, pick_device, write_run_files
+from evl.engine.run import pick_device, write_run_files
 from evl.engine.train_state import make_train_state, restore_train_state
-from evl.models.evl import EVL
 from evl.video.dataset import StreamSampler, TrainClips, collate_train
 from evl.video.lists import VideoEntry, read_class_names, read_list
 from evl.video.transforms import TransformConfig, build_train_transform
@@ -82,8 +82,17 @@ def load_lists(run: RunConfig) -> tuple[list[str], list[VideoEntry], list[VideoE
         classes = FeatureCache.open(data.features).meta.classes
         val = read_list(data.val_list, len(classes), data.data_root) if data.val_list else []
         return classes, [], val
-    if data.train_list is None:
+    if data.train_list is None and run.method.name != "zeroshot":
         raise ValueError("no training list: pass --train-list (or data.train_list in the recipe)")
+    if run.method.uses_text and not data.classes:
+        raise ValueError(
+            f"--method {run.method.name} matches videos against class names: pass --classes "
+            "(a classes.txt with one name per line, or a JSON list)"
+        )
+    if data.train_list is None:  # zero-shot: the class file and an optional validation list
+        classes = read_class_names(data.classes)
+        val = read_list(data.val_list, len(classes), data.data_root) if data.val_list else []
+        return classes, [], val
     classes = read_class_names(data.classes) if data.classes else None
     num_classes = len(classes) if classes else None
     train = read_list(data.train_list, num_classes=num_classes, data_root=data.data_root)
@@ -112,17 +121,17 @@ def read_flip_label_map(run: RunConfig, classes: list[str]) -> dict[int, int] | 
         raise ValueError(f"{run.data.flip_label_map}: unknown class name {err}") from None
 
 
-def initialise_from(model: EVL, source: str | Path) -> None:
-    """Copy another run's decoder (a run directory or checkpoint) into ``model``; a head whose number of
-    classes differs stays freshly initialised. Any other mismatch is an error."""
+def initialise_from(model: torch.nn.Module, source: str | Path) -> None:
+    """Copy another run's trained weights (a run directory or checkpoint) into ``model``; an EVL head whose
+    number of classes differs stays freshly initialised. Any other mismatch is an error."""
     state = load_checkpoint(source).model_state
     own = model.trainable_state_dict()
     kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     mismatched = sorted(set(own) - set(kept))
     if any(not k.startswith("head.") for k in mismatched):
         raise ValueError(
-            f"--init-from {source}: decoder does not match this model ({', '.join(mismatched[:4])}...): "
-            "same backbone, decoder depth, temporal modules and frame count are needed"
+            f"--init-from {source}: its weights do not match this model ({', '.join(mismatched[:4])}...): "
+            "the same method, backbone, decoder depth, temporal modules and frame count are needed"
         )
     model.load_state_dict(kept, strict=False)
     new_head = " (new classifier)" if mismatched else ""
@@ -131,7 +140,7 @@ def initialise_from(model: EVL, source: str | Path) -> None:
 
 def training_data(
     run: RunConfig,
-    model: EVL,
+    model: torch.nn.Module,
     classes: list[str],
     entries: list[VideoEntry],
     cache: FeatureCache | None = None,
@@ -142,7 +151,7 @@ def training_data(
         return CachedClips(cache, model.blocks, seed=run.train.seed), collate_cached
     transform = build_train_transform(
         TransformConfig.from_backbone(
-            model.config.backbone,
+            model.vision_config,
             flip=data.flip,
             rand_augment=data.rand_augment,
             train_scale=tuple(data.train_scale),
@@ -214,32 +223,34 @@ def _train(
     torch.manual_seed(cfg.seed)
 
     classes, train_entries, val_entries = load_lists(run)
+    if data.features and run.method.name != "evl":
+        raise ValueError(
+            f"--features: feature caches hold what EVL's decoder reads; --method {run.method.name} "
+            "trains on videos"
+        )
     if data.features and env.is_main:
         adopt_cached_backbone(data.features, run_dir)
-    # Rank 0 first: a random-init backbone is saved by it and loaded by the others.
+    # Rank 0 first: random-init CLIP weights are saved by it and loaded by the others.
     if not env.is_main:
         barrier(env)
-    backbone, backbone_name = build_backbone(run, run_dir)
+    built = build_model(run, run_dir, classes, seed=cfg.seed)
     if env.is_main:
         barrier(env)
-    model_config = model_config_for(run, backbone, len(classes), backbone_name)
-    # Seeded here, after the backbone: the decoder starts the same whether the backbone was drawn at random
-    # or read back from a file (a resumed run, a feature cache, another process of a distributed run).
-    torch.manual_seed(cfg.seed)
-    model = EVL(model_config, backbone).to(dev)
-    if data.features:  # no backbone activations to make room for: keep the memory instead of rebuilding it
-        model.decoder.checkpoint_memory = False
+    model = built.model.to(dev)
     train_cache = FeatureCache.open(data.features) if data.features else None
     val_cache = FeatureCache.open(data.val_features) if data.val_features else None
+    if train_cache is not None:  # no backbone activations to make room for: keep the memory
+        model.decoder.checkpoint_memory = False
     caches = [c for c in (train_cache, val_cache) if c is not None]
     if caches:
         fingerprint = backbone_fingerprint(model.backbone)  # hashes every backbone weight: once
         for cache in caches:
             cache.check_model(model, fingerprint)
-    config_dict = write_run_files(run_dir, run, model_config, classes, write=env.is_main)
+    config_dict = write_run_files(run_dir, run, built.payload, classes, write=env.is_main)
+    if not has_trainable_parameters(model):  # zero-shot: nothing to train, only to evaluate
+        return _evaluate_untrained(run, run_dir, model, val_entries, env, progress)
 
-    lr_scale = {"head": cfg.head_lr_scale} if cfg.head_lr_scale != 1.0 else None
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, decay_all=cfg.decay_all, lr_scale=lr_scale)
+    optimizer = build_method_optimizer(model, run)
     scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
     start = 0
     checkpoint_path = find_resumable(run_dir) if resume == "auto" else resume
@@ -303,7 +314,10 @@ def _train(
             with sync:
                 with autocast_for(cfg.precision, dev):
                     logits = step_model(inputs)
-                loss = F.cross_entropy(logits.float(), labels) / cfg.batch_split
+                loss = (
+                    F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+                    / cfg.batch_split
+                )
                 loss.backward()
             loss_sum += loss.detach().double().cpu()
         loss_value = mean_over_processes(env, loss_sum)
@@ -358,6 +372,32 @@ def _train(
     return TrainResult(run_dir, cfg.steps, loss_value, evaluation)
 
 
+def _evaluate_untrained(
+    run: RunConfig,
+    run_dir: Path,
+    model: torch.nn.Module,
+    val_entries: list[VideoEntry],
+    env: DistEnv,
+    progress: bool,
+) -> TrainResult:
+    """A model with nothing to train (zero-shot CLIP): the run directory is written and, with a validation
+    list, the model evaluated once, as step 0."""
+    print(f"{run_dir}: --method {run.method.name} has no trainable parameters: no training step")
+    evaluation = None
+    if val_entries:
+        batch = max(1, run.train.batch_size // (run.train.batch_split * env.world_size * 2))
+        evaluation = evaluate_sharded(env, model, val_entries, run.data, batch_size=batch, progress=progress)
+        if env.is_main:
+            rows = [(0, "val", k, v) for k, v in evaluation.result.to_dict().items() if isinstance(v, float)]
+            _append_metrics(run_dir / "metrics.csv", rows)
+            if evaluation.failed:
+                atomic_write_text(
+                    run_dir / "skipped_val_videos.txt", "".join(f"{p}\t{r}\n" for p, r in evaluation.failed)
+                )
+    barrier(env)
+    return TrainResult(run_dir, 0, float("nan"), evaluation)
+
+
 def mean_over_processes(env: DistEnv, value: torch.Tensor) -> float:
     """The step's loss averaged over processes (a non-finite loss anywhere makes it non-finite everywhere,
     so every process takes the same decision to stop or skip)."""
@@ -369,7 +409,12 @@ def mean_over_processes(env: DistEnv, value: torch.Tensor) -> float:
 
 
 def evaluate_sharded(
-    env: DistEnv, model: EVL, entries: list[VideoEntry], data: DataConfig, batch_size: int, progress: bool
+    env: DistEnv,
+    model: torch.nn.Module,
+    entries: list[VideoEntry],
+    data: DataConfig,
+    batch_size: int,
+    progress: bool,
 ) -> Evaluation:
     """Each process scores every N-th video; the per-video scores are gathered so that every video counts
     exactly once (no padding, no dropped remainder), then summarised as in one process."""
@@ -378,7 +423,7 @@ def evaluate_sharded(
     shard = list(range(env.rank, len(entries), env.world_size))
     part = evaluate(model, [entries[i] for i in shard], data, batch_size=batch_size, progress=progress)
     pieces = all_gather_objects(env, (shard, part.scores, part.paths, part.failed))
-    num_classes = model.config.decoder.num_classes
+    num_classes = model.num_classes
     scores = np.full((len(entries), num_classes), np.nan)
     paths = [""] * len(entries)
     failed: list[tuple[str, str]] = []

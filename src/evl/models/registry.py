@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import torch
 
 from evl.config import (
     MODEL_PRESETS,
@@ -16,9 +18,17 @@ from evl.config import (
     model_preset,
     vision_preset,
 )
+from evl.models.clip_text import TEXT_PRESETS, CLIPTextTransformer, text_preset
 from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.evl import EVL
-from evl.weights import load_clip_vision, load_official_evl
+from evl.models.xclip import XCLIP, XCLIPConfig
+from evl.weights import (
+    DEFAULT_LOGIT_SCALE,
+    WeightFormatError,
+    load_clip_text,
+    load_clip_vision,
+    load_official_evl,
+)
 
 # File names OpenAI publishes its checkpoints under (and ``clip.load`` caches them as).
 OPENAI_FILE_NAMES = {
@@ -153,3 +163,108 @@ def load_official_checkpoint(
     model = EVL(config, module)
     model.load_trainable_state_dict(state, source=str(checkpoint))
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------- both CLIP towers
+
+
+class CLIPTowers(NamedTuple):
+    """A CLIP model's image and text encoders and its logit scale (log of the logit temperature)."""
+
+    visual: CLIPVisionTransformer
+    text: CLIPTextTransformer
+    logit_scale: float
+    name: str
+
+
+def create_clip(
+    spec: str | Path,
+    heads: int | None = None,
+    text_heads: int | None = None,
+    mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> CLIPTowers:
+    """Both encoders of a CLIP model from ``NAME`` (local pretrained copy), ``random:NAME`` or a ``PATH``
+    in any format :func:`evl.weights.load_clip_vision` reads (OpenAI, open_clip, Hugging Face ``CLIPModel``).
+
+    ``mean_std`` replaces the image encoder's normalisation statistics (a method choice, not a weight).
+    """
+    spec = str(spec)
+    if spec.startswith("random:"):
+        name = spec[len("random:") :]
+        if name not in TEXT_PRESETS:
+            raise ValueError(f"no text encoder preset for {name!r}; known: {', '.join(TEXT_PRESETS)}")
+        vision = vision_preset(name, **({"heads": heads} if heads else {}))
+        text = text_preset(name, **({"heads": text_heads} if text_heads else {}))
+        visual = CLIPVisionTransformer(_with_mean_std(vision, mean_std))
+        # Rounded to float32, as a saved checkpoint stores it: the same value drawn or read back.
+        logit_scale = float(torch.tensor(DEFAULT_LOGIT_SCALE, dtype=torch.float32))
+        return CLIPTowers(visual, CLIPTextTransformer(text), logit_scale, name)
+    path = find_local_weights(spec) if spec in VISION_PRESETS and not Path(spec).exists() else Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"CLIP weights {spec!r} are neither a file or folder nor a preset name "
+            f"({', '.join(VISION_PRESETS)}); random-init models are written random:NAME"
+        )
+    config, state = load_clip_vision(path, heads=heads)
+    visual = CLIPVisionTransformer(_with_mean_std(config, mean_std))
+    visual.load_state_dict(state, strict=True)
+    try:
+        text, logit_scale = load_clip_text(path, **({"heads": text_heads} if text_heads else {}))
+    except WeightFormatError as err:
+        raise WeightFormatError(
+            f"{err} (this method matches videos against class names: it needs a full CLIP checkpoint "
+            "with its text encoder, not an image encoder alone)"
+        ) from None
+    return CLIPTowers(visual, text, logit_scale, str(path))
+
+
+def _with_mean_std(
+    config: VisionConfig, mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None
+) -> VisionConfig:
+    if mean_std is None:
+        return config
+    return dataclasses.replace(config, mean=tuple(mean_std[0]), std=tuple(mean_std[1]))
+
+
+def clip_state_dict(towers: CLIPTowers) -> dict[str, torch.Tensor]:
+    """Both towers as one OpenAI-layout state dict (``visual.*``, the text tower at the top level,
+    ``logit_scale``): what :func:`create_clip` reads back from a file."""
+    state = {f"visual.{k}": v for k, v in towers.visual.state_dict().items()}
+    state.update(towers.text.state_dict())
+    state["logit_scale"] = torch.tensor(float(towers.logit_scale))
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def xclip_from_clip(towers: CLIPTowers, num_frames: int, **fields: Any) -> XCLIP:
+    """An X-CLIP model initialised from CLIP, as X-CLIP starts training: the image and text encoders and
+    the logit scale from ``towers``; the message tokens, integration transformer and prompt generator new.
+
+    ``fields`` set other :class:`XCLIPConfig` fields (``mit_layers``, ``prompt_alpha``, ...).
+    """
+    vision, text = towers.visual.config, towers.text.config
+    if vision.output_dim is None or text.output_dim != vision.output_dim:
+        raise ValueError(
+            f"X-CLIP needs image and text embeddings of one size; this CLIP has {vision.output_dim} "
+            f"and {text.output_dim}"
+        )
+    dim = vision.output_dim
+    config = XCLIPConfig(
+        vision=vision,
+        text=text,
+        embed_dim=dim,
+        num_frames=num_frames,
+        # The reference gives both small transformers embed_dim // 64 heads.
+        mit_heads=max(1, dim // 64),
+        prompt_heads=max(1, dim // 64),
+        logit_scale_init=towers.logit_scale,
+        **fields,
+    )
+    model = XCLIP(config)
+    missing, unexpected = model.visual.load_state_dict(towers.visual.state_dict(), strict=False)
+    new = [k for k in missing if ".message_" not in k]
+    if new or unexpected:
+        raise RuntimeError(
+            f"CLIP image encoder does not fit X-CLIP's: missing {new[:3]}, unexpected {unexpected[:3]}"
+        )
+    model.text.load_state_dict(towers.text.state_dict(), strict=True)
+    return model

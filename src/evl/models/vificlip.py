@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evl.config import VisionConfig
 from evl.models.clip_text import CLIPTextTransformer
 from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.evl import resolve_backbone_dtype
@@ -121,6 +122,11 @@ class VideoCLIP(nn.Module):
             module.eval()
         # Any load_state_dict may change the text weights behind a cached class embedding.
         self.register_load_state_dict_post_hook(_clear_text_cache_after_load)
+
+    @property
+    def vision_config(self) -> VisionConfig:
+        """The image encoder's config: input size and normalisation for the data pipeline."""
+        return self.visual.config
 
     # ---------------------------------------------------------------------------------------------- modes
     @property

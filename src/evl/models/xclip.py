@@ -17,7 +17,7 @@ and the official X-CLIP names for the rest (``mit``, ``prompts_generator``, ``pr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from evl.config import IMAGENET_MEAN, IMAGENET_STD, VisionConfig
 from evl.models.clip_text import CLIPTextTransformer, TextConfig
-from evl.models.layers import LayerNorm
+from evl.models.layers import LayerNorm, load_exact_subset
 from evl.models.xclip_parts import (
     CrossFrameCommunicationTransformer,
     MultiframeIntegrationTransformer,
@@ -136,6 +136,27 @@ class XCLIP(nn.Module):
             self.logit_scale.requires_grad_(False)
         # Class text features: (key, features). Not a buffer: it is derived data, never saved.
         self._text_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        # The class prompts a plain ``model(video)`` matches against; they follow .to(device) but are not
+        # saved: the class list is data, not weights.
+        self.register_buffer("class_tokens", None, persistent=False)
+
+    @property
+    def vision_config(self) -> VisionConfig:
+        """The image encoder's config: input size and normalisation for the data pipeline."""
+        return self.config.vision
+
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.class_tokens is None else self.class_tokens.shape[0]
+
+    def set_class_tokens(self, token_ids: torch.Tensor, num_templates: int = 1) -> None:
+        """Store the tokenized class prompts [K, L] that ``forward(video)`` classifies among (one prompt per
+        class: X-CLIP's prompt generator refines one text embedding per class)."""
+        if num_templates != 1:
+            raise ValueError("X-CLIP takes one prompt template per class")
+        if token_ids.ndim != 2 or token_ids.dtype.is_floating_point or token_ids.shape[0] == 0:
+            raise ValueError(f"class tokens must be integer ids [K, L], got shape {tuple(token_ids.shape)}")
+        self.class_tokens = token_ids.to(device=self.logit_scale.device, dtype=torch.long)
 
     # ----------------------------------------------------------------------------------------------- input
     def check_input(self, video: torch.Tensor) -> None:
@@ -216,8 +237,13 @@ class XCLIP(nn.Module):
         text = self.prompt_text(self.class_text_features(class_token_ids), visual_tokens)
         return self.match(video_embeds, text)
 
-    def forward(self, video: torch.Tensor, class_token_ids: torch.Tensor) -> torch.Tensor:
-        """Videos [B, T, 3, H, W], class token ids [K, L] -> logits [B, K]."""
+    def forward(self, video: torch.Tensor, class_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Videos [B, T, 3, H, W], class token ids [K, L] (default: :meth:`set_class_tokens`') -> logits
+        [B, K]."""
+        if class_token_ids is None:
+            if self.class_tokens is None:
+                raise RuntimeError("no class prompts: call set_class_tokens(token_ids) or pass them")
+            class_token_ids = self.class_tokens
         return self.forward_outputs(video, class_token_ids).logits_per_video
 
     # ----------------------------------------------------------------------------------------- parameters
@@ -227,6 +253,18 @@ class XCLIP(nn.Module):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Everything but the frozen text tower and logit scale (with ``freeze_text``)."""
         return (p for _, p in self.trainable_named_parameters())
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors: what a fine-tuning checkpoint stores (the frozen text tower is not)."""
+        trained = {name for name, _ in self.trainable_named_parameters()}
+        return {k: v for k, v in self.state_dict().items() if k in trained}
+
+    def load_trainable_state_dict(
+        self, state: Mapping[str, torch.Tensor], source: str = "checkpoint"
+    ) -> None:
+        """Strict load of :meth:`trainable_state_dict`, with one-line errors for mismatched keys or shapes."""
+        load_exact_subset(self, self.trainable_state_dict(), state, source, model_note=" (X-CLIP)")
+        self.clear_text_cache()
 
 
 # Parameters whose name contains one of these train at 10x the learning rate (the reference's groups).
