@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from evl.config import RunConfig, to_dict
+from evl.config import BackboneSpec, RunConfig, to_dict
 from evl.recipes import (
     RecipeError,
     build_run_config,
@@ -53,6 +53,12 @@ def test_the_paper_recipes_are_shipped():
         "ucf101_l14_32f",
         "hmdb51_l14_32f",
         "demo_synth",
+        "vifi_k400_b16_16f",
+        "vifi_k400_zeroshot_b16_32f",
+        "vifi_few_shot_b16_32f",
+        "vifi_base2novel_b16_32f",
+        "xclip_k400_b16_8f",
+        "zeroshot_clip_b16_8f",
     }
     assert expected <= names
 
@@ -120,6 +126,108 @@ def test_small_dataset_finetuning_recipes(name):
     assert (config.data.num_frames, config.data.frame_stride) == (32, 2)
     assert (config.data.num_temporal_views, config.data.num_spatial_views) == (2, 3)
     assert (config.train.lr, config.train.weight_decay) == (4e-5, 0.005)
+
+
+@pytest.mark.parametrize(
+    ("name", "frames", "lr", "batch_size", "epochs", "views"),
+    [
+        ("vifi_k400_b16_16f", 16, 2.2e-5, 512, 30, (4, 3)),
+        ("vifi_k400_zeroshot_b16_32f", 32, 8e-6, 256, 10, (1, 1)),
+        ("vifi_few_shot_b16_32f", 32, 2e-6, 64, 50, (1, 1)),
+        ("vifi_base2novel_b16_32f", 32, 2e-6, 64, 11, (1, 1)),
+    ],
+)
+def test_vifi_recipes(name, frames, lr, batch_size, epochs, views):
+    config = build_run_config(CONFIG_DIR / f"{name}.yaml")
+    method = config.method
+    assert (method.name, method.tune, method.templates) == ("vifi", "both", None)
+    assert method.normalization == "auto"
+    # ViFi-CLIP fine-tunes both encoders itself: the recipe leaves backbone.freeze alone.
+    assert config.backbone == BackboneSpec(name="ViT-B/16")
+    data = config.data
+    assert (data.sampling, data.num_frames, data.rand_augment) == ("segment", frames, None)
+    assert (data.num_temporal_views, data.num_spatial_views) == views
+    train = config.train
+    assert (train.lr, train.batch_size, train.weight_decay) == (lr, batch_size, 0.001)
+    assert train.decay_all and train.betas == (0.9, 0.98)
+    assert (train.label_smoothing, train.min_lr_ratio) == (0.1, 0.01)
+    assert train.batch_size % train.batch_split == 0
+    # 5 of the epochs warm up, whatever the steps per epoch.
+    assert abs(train.warmup_steps * epochs - 5 * train.steps) <= epochs
+
+
+def test_vifi_recipe_step_counts():
+    steps = {
+        name: build_run_config(CONFIG_DIR / f"{name}.yaml").train.steps
+        for name in ("vifi_k400_b16_16f", "vifi_k400_zeroshot_b16_32f", "vifi_few_shot_b16_32f")
+    }
+    assert abs(steps["vifi_k400_b16_16f"] - 30 * 240_000 / 512) < 100  # ~240k K400 videos
+    assert abs(steps["vifi_k400_zeroshot_b16_32f"] - 10 * 240_000 / 256) < 100
+    assert steps["vifi_few_shot_b16_32f"] == round(50 * 51 * 16 / 64)  # HMDB-51, 16 shots
+    base2novel = build_run_config(CONFIG_DIR / "vifi_base2novel_b16_32f.yaml").train.steps
+    assert base2novel == 11 * 200 * 16 // 64  # K400: 200 base classes x 16 shots
+
+
+def test_xclip_recipe():
+    config = build_run_config(CONFIG_DIR / "xclip_k400_b16_8f.yaml")
+    method = config.method
+    assert method.name == "xclip" and method.freeze_text and method.templates is None
+    assert (method.mit_layers, method.prompt_layers, method.prompt_alpha) == (1, 2, 0.1)
+    assert config.backbone.name == "ViT-B/16"
+    data = config.data
+    assert (data.sampling, data.num_frames, data.rand_augment) == ("segment", 8, None)
+    assert (data.num_temporal_views, data.num_spatial_views) == (4, 3)
+    train = config.train
+    assert (train.lr, train.batch_size, train.weight_decay) == (8e-6, 256, 0.001)
+    assert not train.decay_all and train.betas == (0.9, 0.98)
+    assert (train.label_smoothing, train.min_lr_ratio) == (0.1, 0.01)
+    assert abs(train.warmup_steps * 30 - 5 * train.steps) <= 30
+    assert abs(train.steps - 30 * 240_000 / 256) < 200
+
+
+def test_zeroshot_clip_recipe():
+    config = build_run_config(CONFIG_DIR / "zeroshot_clip_b16_8f.yaml")
+    assert (config.method.name, config.method.templates) == ("zeroshot", None)
+    assert config.method.uses_text
+    assert (config.backbone.name, config.data.num_frames) == ("ViT-B/16", 8)
+    assert config.data.train_list is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('method.templates=["a photo of a {}."]', ("a photo of a {}.",)),
+        ("method.templates=['{}', 'a video of a person {}.']", ("{}", "a video of a person {}.")),
+        ("method.templates=null", None),
+    ],
+)
+def test_templates_override_parses_into_a_tuple_of_strings(text, expected):
+    section, key, value = parse_override(text)
+    assert (section, key, value) == ("method", "templates", expected)
+    if expected is not None:
+        assert type(value) is tuple and all(type(v) is str for v in value)
+    config = build_run_config(CONFIG_DIR / "vifi_k400_b16_16f.yaml", [text])
+    assert config.method.templates == expected
+
+
+def test_templates_in_a_recipe_and_their_errors(tmp_path):
+    path = write(tmp_path / "r.yaml", "_base_: x.yaml\nmethod:\n  templates: ['{}', 'a clip of {}.']\n")
+    write(tmp_path / "x.yaml", "method: {name: vifi}\n")
+    config = build_run_config(path)
+    assert (config.method.name, config.method.templates) == ("vifi", ("{}", "a clip of {}."))
+    # A template is a list item: a bare string, an unquoted {} (a YAML mapping) or no {} are errors.
+    with pytest.raises(RecipeError) as info:
+        parse_override("method.templates=a photo of a {}.")
+    check_error(info, "expected [str, ...] or null")
+    with pytest.raises(RecipeError) as info:
+        parse_override("method.templates=[{}]")
+    check_error(info, "expected [str, ...] or null")
+    with pytest.raises(RecipeError) as info:
+        build_run_config(overrides=["method.templates=['a photo']"])
+    check_error(info, "--set method.templates", "has no {} for the class name")
+    with pytest.raises(RecipeError) as info:
+        build_run_config(overrides=["method.templates=[]"])
+    check_error(info, "method.templates is empty")
 
 
 def test_demo_recipe_runs_without_downloads():

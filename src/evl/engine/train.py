@@ -222,12 +222,12 @@ def _train(
         )
     torch.manual_seed(cfg.seed)
 
-    classes, train_entries, val_entries = load_lists(run)
     if data.features and run.method.name != "evl":
         raise ValueError(
             f"--features: feature caches hold what EVL's decoder reads; --method {run.method.name} "
             "trains on videos"
         )
+    classes, train_entries, val_entries = load_lists(run)
     if data.features and env.is_main:
         adopt_cached_backbone(data.features, run_dir)
     # Rank 0 first: random-init CLIP weights are saved by it and loaded by the others.
