@@ -382,3 +382,14 @@ def test_xclip_from_a_hugging_face_xclip_folder(dataset, tmp_path, capsys):
         main(train_args(dataset, tmp_path / "r4", "xclip", steps=1, extra=["--backbone", str(folder)])) == 2
     )
     assert "set data.num_frames=3" in capsys.readouterr().err
+
+
+def test_python_zeroshot_predictor(clip_file, dataset):
+    import evl
+
+    names = dataset.classes_file.read_text().split()
+    predictor = evl.zeroshot(clip_file, names, num_frames=4, templates=["a {} motion"])
+    assert predictor.run.run.method.templates == ("a {} motion",)
+    prediction = predictor.predict(dataset.root / "videos" / "val" / "up" / "0000.mp4", topk=4)
+    assert sorted(prediction.classes) == sorted(names)
+    assert sum(prediction.probabilities) == pytest.approx(1.0, abs=1e-5)

@@ -4,18 +4,18 @@ from evl.config import DecoderConfig, ModelConfig, VisionConfig, model_preset, v
 from evl.flops import FlopReport, count_flops
 from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.evl import EVL
-from evl.models.registry import create_backbone, create_model, load_official_checkpoint
+from evl.models.registry import create_backbone, create_clip, create_model, load_official_checkpoint
 from evl.runtime import tune_cpu_allocator
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # ``evl.load`` pulls in the data and plotting stack: import it on first use only.
-    if name == "load":
-        from evl.engine.predict import load
+    # ``evl.load`` and ``evl.zeroshot`` pull in the data and plotting stack: import them on first use only.
+    if name in ("load", "zeroshot"):
+        from evl.engine import predict
 
-        return load
+        return getattr(predict, name)
     raise AttributeError(f"module 'evl' has no attribute {name!r}")
 
 
@@ -28,10 +28,12 @@ __all__ = [
     "VisionConfig",
     "count_flops",
     "create_backbone",
+    "create_clip",
     "create_model",
     "load",
     "load_official_checkpoint",
     "model_preset",
     "tune_cpu_allocator",
     "vision_preset",
+    "zeroshot",
 ]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from evl.config import DataConfig, MethodConfig
 from evl.engine.evaluate import eval_sampling, eval_transform, model_device
 from evl.engine.methods import inference_context
 from evl.engine.metrics import average_views
-from evl.engine.run import LoadedRun, load_run
+from evl.engine.run import LoadedRun, load_run, zeroshot_run
 from evl.video.dataset import load_views
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"}
@@ -74,3 +75,19 @@ class Predictor:
 def load(run_dir: str | Path, device: str | None = None) -> Predictor:
     """Load a run directory for prediction: ``evl.load("runs/k400").predict("clip.mp4")``."""
     return Predictor(load_run(run_dir, device=device))
+
+
+def zeroshot(
+    clip: str | Path,
+    classes: Sequence[str],
+    num_frames: int = 8,
+    templates: Sequence[str] | None = None,
+    device: str | None = None,
+) -> Predictor:
+    """Zero-shot CLIP from CLIP weights alone: ``evl.zeroshot("ViT-B-16.pt", ["run", "jump"]).predict(path)``.
+
+    ``templates`` are the class prompts (``{}`` is the name); the default is the bare class name.
+    """
+    method = MethodConfig(name="zeroshot", templates=tuple(templates) if templates else None)
+    data = DataConfig(num_frames=num_frames)
+    return Predictor(zeroshot_run(clip, classes, data, method, device=device))
