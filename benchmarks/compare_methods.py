@@ -1,11 +1,12 @@
 """The four methods on the project's synthetic videos: same data, frames, views, steps and batch.
 
-    python benchmarks/compare_methods.py --out-dir runs/compare [--steps 800] [--methods evl vifi ...]
+    python benchmarks/compare_methods.py --out-dir runs/compare [--steps 800] [--tasks motion shapes]
 
-Every method starts from the same random-init CLIP (ViT-T/16 at 112 px and its text tower: nothing is
-pretrained, so zero-shot CLIP is at chance by construction) and is trained through ``evl train`` with the
-demo's data settings. Prints one JSON line per method and a Markdown table at the end (also written to
-OUT_DIR/results.md and results.json). A finished method is not run again (delete its folder to redo it).
+Two synthetic tasks: ``motion`` (which way a shape moves: no single frame tells) and ``shapes`` (which
+shape moves: any frame tells). Every method starts from the same random-init CLIP (ViT-T/16 at 112 px and
+its text tower: nothing is pretrained, so zero-shot CLIP is at chance by construction) and is trained
+through ``evl train`` with the demo's data settings. Prints one JSON line per run and a Markdown table at
+the end (also OUT_DIR/results.md and results.json). A finished run is not repeated (delete its folder).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def write_clip(path: Path, seed: int = 0) -> Path:
 
 
 def run_method(method: str, out_dir: Path, data, flip_map: Path, clip: Path, steps: int) -> dict:
-    run_dir = out_dir / method
+    run_dir = out_dir / data.task / method
     result_file = run_dir / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
@@ -66,6 +67,7 @@ def run_method(method: str, out_dir: Path, data, flip_map: Path, clip: Path, ste
     if evl(["eval", str(run_dir), "--output", str(metrics), "--quiet", "--batch-size", "8"]) != 0:
         raise SystemExit(f"evl eval of {run_dir} failed")
     result = {
+        "task": data.task,
         "method": method,
         **json.loads(metrics.read_text()),
         "steps": 0 if method == "zeroshot" else steps,
@@ -77,19 +79,22 @@ def run_method(method: str, out_dir: Path, data, flip_map: Path, clip: Path, ste
     return result
 
 
-def markdown(results: list[dict]) -> str:
+def markdown(results: list[dict], tasks: list[str]) -> str:
+    by_key = {(r["task"], r["method"]): r for r in results}
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    head = " | ".join(f"{t} top-1" for t in tasks)
     lines = [
-        "| method | what trains | top-1 | top-5 | steps x batch | lr | train time |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | what trains | {head} | steps x batch | lr | s/step |",
+        "|---" * (5 + len(tasks)) + "|",
     ]
-    for r in results:
-        steps = f"{r['steps']} x 8" if r["steps"] else "none"
-        lr = f"{r['lr']:g}" if r["lr"] else "-"
-        time_s = f"{r['train_s']:.0f} s" if r["steps"] else "-"
-        lines.append(
-            f"| {r['method']} | {DESCRIPTION[r['method']]} | {r['top1']:.1f} | {r['top5']:.1f} | {steps} | "
-            f"{lr} | {time_s} |"
-        )
+    for method in methods:
+        runs = [by_key.get((t, method)) for t in tasks]
+        first = next(r for r in runs if r)
+        accuracy = " | ".join(f"{r['top1']:.1f}" if r else "-" for r in runs)
+        steps = f"{first['steps']} x 8" if first["steps"] else "none"
+        lr = f"{first['lr']:g}" if first["lr"] else "-"
+        speed = f"{first['s_per_step']:.2f}" if first["s_per_step"] else "-"
+        lines.append(f"| {method} | {DESCRIPTION[method]} | {accuracy} | {steps} | {lr} | {speed} |")
     return "\n".join(lines)
 
 
@@ -97,28 +102,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=Path("runs/compare"))
     parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--tasks", nargs="+", choices=("motion", "shapes"), default=["motion", "shapes"])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     args = parser.parse_args(argv)
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    data = make_dataset(
-        out / "data",
-        task="motion",
-        num_train_per_class=TRAIN_PER_CLASS,
-        num_val_per_class=VAL_PER_CLASS,
-        num_frames=NUM_FRAMES,
-        size=SIZE,
-        workers=2,
-        progress=False,
-    )
-    flip_map = write_flip_map(out / "data" / "flip_label_map.json")
     clip = write_clip(out / "clip_random_t16_112.safetensors")
     results = []
-    for method in args.methods:
-        result = run_method(method, out, data, flip_map, clip, args.steps)
-        print(json.dumps(result), file=sys.stderr)
-        results.append(result)
-    table = markdown(results)
+    for task in args.tasks:
+        data = make_dataset(
+            out / task / "data",
+            task=task,
+            num_train_per_class=TRAIN_PER_CLASS,
+            num_val_per_class=VAL_PER_CLASS,
+            num_frames=NUM_FRAMES,
+            size=SIZE,
+            workers=2,
+            progress=False,
+        )
+        flip_map = write_flip_map(out / task / "data" / "flip_label_map.json", task)
+        for method in args.methods:
+            result = run_method(method, out, data, flip_map, clip, args.steps)
+            print(json.dumps(result), file=sys.stderr)
+            results.append(result)
+    table = markdown(results, args.tasks)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table)
