@@ -168,7 +168,7 @@ def test_vifi_image_only_tuning_saves_only_the_image_encoder(dataset, tmp_path):
 # ------------------------------------------------------------------------------------------------- X-CLIP
 
 
-def test_xclip_trains_all_but_the_text_encoder(xclip_run, dataset, tmp_path):
+def test_xclip_trains_all_but_the_text_encoder(xclip_run, dataset, tmp_path, capsys):
     checkpoint = load_checkpoint(xclip_run)
     keys = set(checkpoint.model_state)
     assert not any(k.startswith("text.") for k in keys) and "logit_scale" not in keys
@@ -182,6 +182,14 @@ def test_xclip_trains_all_but_the_text_encoder(xclip_run, dataset, tmp_path):
     metrics = _eval(xclip_run, tmp_path)
     assert metrics["num_videos"] == 8
     assert metrics["top1"] == pytest.approx(_hand_top1(xclip_run / "eval" / "scores.csv", dataset.val_list))
+
+    capsys.readouterr()
+    video = dataset.root / "videos" / "val" / "up" / "0001.mp4"
+    assert main(["predict", str(xclip_run), str(video), "--json", "--topk", "4"]) == 0
+    prediction = json.loads(capsys.readouterr().out)
+    assert sorted(p["class"] for p in prediction["predictions"]) == sorted(
+        dataset.classes_file.read_text().split()
+    )
 
 
 def test_xclip_text_embeddings_are_cached_across_batches(xclip_run):
