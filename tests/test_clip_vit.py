@@ -108,3 +108,35 @@ def test_half_precision_backbone_matches_float32_loosely():
             half = model(images)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), full, atol=0.1, rtol=0.1)
+
+
+def test_blocks_without_autograd_equal_blocks_with_autograd(hf_and_ours, monkeypatch):
+    """Without autograd the blocks reuse buffers (in-place activation and residuals) and run the MLP in
+    pieces of tokens; the numbers must be those of the plain path, and the input must stay untouched."""
+    import evl.models.clip_vit as clip_vit
+
+    _, ours = hf_and_ours
+    monkeypatch.setattr(clip_vit, "MLP_TOKENS_PER_PIECE", 7)  # 3 x 26 tokens -> 12 uneven pieces
+    tokens = torch.randn(3, 26, 48)
+    before = tokens.clone()
+    for block in ours.transformer.resblocks:
+        with torch.enable_grad():
+            plain, (q, k) = block(tokens, return_qk=True)
+        with torch.no_grad():
+            fast, (fast_q, fast_k) = block(tokens, return_qk=True)
+        assert torch.equal(tokens, before)
+        torch.testing.assert_close(fast, plain.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(fast_q, q.detach())
+        torch.testing.assert_close(fast_k, k.detach())
+
+
+def test_iter_intermediates_yields_requested_blocks_shallow_to_deep(hf_and_ours):
+    _, ours = hf_and_ours
+    images = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        steps = list(ours.iter_intermediates(images, blocks=[2, 0]))
+        expected = ours.forward_intermediates(images, blocks=[0, 2])
+    assert [index for index, _ in steps] == [0, 2]
+    for (_, got), want in zip(steps, expected, strict=True):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)

@@ -13,13 +13,23 @@ from conftest import FIXTURES
 from evl.config import DecoderConfig, ModelConfig, VisionConfig
 from evl.models.evl import (
     EVL,
+    MEMORY_PIECES,
+    MIN_GROUP_ROWS,
     DecoderAttention,
+    FrameFeatures,
     TemporalConv,
+    TemporalCrossAttention,
+    TemporalPosEmbed,
     aggregate_relative,
     aggregate_relative_gather,
+    attend_memory,
     cross_frame_attention,
+    frame_features,
     relative_position_index,
+    relative_query_groups,
+    temporal_residual,
 )
+from evl.models.layers import LayerNorm
 from evl.models.registry import load_official_checkpoint
 from evl_oracle import evl_logits
 from factories import moving_video, random_official_decoder, random_openai_visual
@@ -167,36 +177,145 @@ def test_relative_position_index_offsets():
     assert all(len(set(row.tolist())) == 6 for row in index)  # one bin per key within a query row
 
 
-def test_binned_aggregation_equals_gather_with_gradient():
+def assert_same_outputs_and_grads(fast, slow, inputs, names, seed=1, tol=1e-5):
+    """fast == slow (fp32, within ``tol`` of each tensor's scale) and so are the gradients w.r.t. inputs."""
+    scale = slow.abs().max().item()
+    torch.testing.assert_close(fast, slow, atol=tol * max(scale, 1.0), rtol=0)
+    upstream = torch.randn(fast.shape, generator=torch.Generator().manual_seed(seed))
+    grads_fast = torch.autograd.grad(fast, inputs, upstream, allow_unused=True)
+    grads_slow = torch.autograd.grad(slow, inputs, upstream, allow_unused=True)
+    for name, a, b in zip(names, grads_fast, grads_slow, strict=True):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=tol * max(b.abs().max().item(), 1.0), rtol=0, msg=name)
+
+
+def random_maps(*lead, patches, generator):
+    return torch.randn(*lead, patches, patches, generator=generator).mul(3).softmax(-1)
+
+
+@pytest.mark.parametrize(
+    "grid,groups,lead",
+    [
+        ((3, 5), (1, 1), (4,)),
+        ((3, 5), (1, 5), (2, 3)),  # whole rows: the table itself, no column copies
+        ((3, 5), (3, 1), (3,)),
+        ((3, 5), (3, 5), (2,)),  # one group: every offset bin
+        ((4, 6), (2, 3), (3,)),
+        ((3, 5), None, (5,)),
+        ((14, 14), None, (14,)),  # ViT-B/16 at batch 2: 1x2 groups
+    ],
+)
+def test_grouped_aggregation_equals_gather_with_gradients(grid, groups, lead):
     g = torch.Generator().manual_seed(0)
-    index = relative_position_index(3, 4)
-    attn = torch.randn(5, 12, 12, generator=g).softmax(-1).requires_grad_()
-    weight = torch.randn(5 * 7, 9, generator=g, requires_grad=True)
-    fast = aggregate_relative(attn, weight, index)
-    slow = aggregate_relative_gather(attn, weight, index)
-    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
-    upstream = torch.randn(fast.shape, generator=g)
-    grads_fast = torch.autograd.grad(fast, (attn, weight), upstream)
-    grads_slow = torch.autograd.grad(slow, (attn, weight), upstream)
-    for a, b in zip(grads_fast, grads_slow, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    h, w = grid
+    attn = random_maps(*lead, patches=h * w, generator=g).requires_grad_()
+    weight = torch.randn((2 * h - 1) * (2 * w - 1), 7, generator=g, requires_grad=True)
+    fast = aggregate_relative(attn, weight, grid, groups)
+    slow = aggregate_relative_gather(attn, weight, relative_position_index(h, w))
+    assert_same_outputs_and_grads(fast, slow, (attn, weight), ["attn", "weight"])
 
 
-@pytest.mark.parametrize("num_queries", [1, 3])
-def test_folded_decoder_attention_equals_projected_attention_with_gradient(num_queries):
+def test_query_groups_are_the_narrowest_that_fill_a_matmul():
+    assert relative_query_groups(14, 14, 14) == (1, 2)  # ViT-B/16, batch 2: 28 rows
+    assert relative_query_groups(14, 14, 56) == (1, 1)
+    assert relative_query_groups(3, 5, 1) == (1, 5)  # prime width: whole rows
+    for h, w, n in [(14, 14, 7), (16, 16, 3), (4, 6, 5)]:
+        rows, cols = relative_query_groups(h, w, n)
+        assert rows == 1 and w % cols == 0 and (n * cols >= MIN_GROUP_ROWS or cols == w)
+
+
+def test_cross_frame_terms_added_in_place_equal_the_module_output_with_gradients():
+    g = torch.Generator().manual_seed(0)
+    module = TemporalCrossAttention(6, 3, 5)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    y = torch.randn(2, 4, 16, 6, generator=g, requires_grad=True)
+    attn = random_maps(2, 2, 3, patches=15, generator=g).requires_grad_()
+    fast = module.add_to(y * 1, attn)  # y * 1: a tensor of the caller's own, as the decoder passes
+    slow = y + module(attn, 4)
+    assert torch.count_nonzero(slow[:, :, 0] - y[:, :, 0]) == 0  # CLS receives nothing
+    inputs = (y, attn, module.w_prev, module.w_next)
+    assert_same_outputs_and_grads(fast, slow, inputs, ["y", "attn", "w_prev", "w_next"])
+
+
+@pytest.mark.parametrize("conv,pos", [(True, True), (True, False), (False, True), (False, False)])
+def test_temporal_residual_equals_conv_plus_embedding_with_gradients(conv, pos):
+    g = torch.Generator().manual_seed(0)
+    conv_module = TemporalConv(6) if conv else None
+    pos_module = TemporalPosEmbed(5, 6) if pos else None
+    params = [p for m in (conv_module, pos_module) if m is not None for p in m.parameters()]
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(2, 5, 3, 6, generator=g, requires_grad=True)
+    fast = temporal_residual(x, conv_module, pos_module)
+    slow = x * 1
+    if conv_module is not None:
+        slow = slow + conv_module(x)
+    if pos_module is not None:
+        slow = slow + pos_module()
+    assert fast.data_ptr() != x.data_ptr()  # always a new tensor (the cross-frame terms go in place)
+    assert_same_outputs_and_grads(fast, slow, (x, *params), ["x", *(str(i) for i in range(len(params)))])
+
+
+@pytest.mark.parametrize(
+    "ablation",
+    [{}, {"temporal_conv": False}, {"temporal_pos_embed": False}, {"temporal_cross_attention": False}],
+)
+def test_decoder_memory_equals_the_sum_of_the_temporal_modules_with_gradients(ablation):
+    torch.manual_seed(0)
+    decoder = randomize_(EVL(tiny_config(**ablation))).decoder
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 10, 32, generator=g, requires_grad=True)
+    attn = random_maps(2, 2, 3, patches=9, generator=g).requires_grad_()
+    features = FrameFeatures(x, attn)
+    params = list(decoder.parameters())
+    fast, slow = decoder.memory(1, features), decoder.memory_reference(1, features)
+    names = ["x", "attn", *(n for n, _ in decoder.named_parameters())]
+    assert_same_outputs_and_grads(fast, slow, (x, attn, *params), names)
+
+
+def test_attention_over_normalised_memory_equals_layer_norm_then_attention_with_gradients():
+    g = torch.Generator().manual_seed(0)
+    norm = LayerNorm(40)
+    with torch.no_grad():
+        norm.weight.copy_(1 + torch.randn(40, generator=g) * 0.3)
+        norm.bias.copy_(torch.randn(40, generator=g) * 0.3)
+    keys = torch.randn(3, 5, 40, generator=g, requires_grad=True)
+    bias = torch.randn(3, 5, 1, generator=g, requires_grad=True)
+    # off-centre, uneven tokens (as a residual stream), more tokens than pieces, batch > 1
+    memory = (torch.randn(3, 4 * MEMORY_PIECES + 3, 40, generator=g) * 2 + 1).requires_grad_()
+    fast = attend_memory(keys, bias, memory, norm)
+    normed = norm(memory)
+    slow = (keys @ normed.mT + bias).softmax(-1) @ normed
+    inputs = (keys, bias, memory, norm.weight, norm.bias)
+    assert_same_outputs_and_grads(fast, slow, inputs, ["keys", "bias", "memory", "norm.weight", "norm.bias"])
+    plain = attend_memory(keys, bias, memory)
+    assert_same_outputs_and_grads(
+        plain, (keys @ memory.mT + bias).softmax(-1) @ memory, (keys, bias, memory), ["k", "b", "m"]
+    )
+
+
+@pytest.mark.parametrize("num_queries,with_norm", [(1, False), (3, False), (1, True)])
+def test_folded_decoder_attention_equals_projected_attention_with_gradient(num_queries, with_norm):
     g = torch.Generator().manual_seed(0)
     attention = DecoderAttention(48, 3)
+    norm = LayerNorm(48) if with_norm else None
+    params = [*attention.parameters(), *(norm.parameters() if norm else [])]
     with torch.no_grad():
-        for p in attention.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (p.ndim == 1 and norm is not None))
     x = torch.randn(2, num_queries, 48, generator=g, requires_grad=True)
     memory = torch.randn(2, 37, 48, generator=g, requires_grad=True)
-    folded = attention(x, memory, folded=True)
-    projected = attention(x, memory, folded=False)
+    folded = attention(x, memory, folded=True, memory_norm=norm)
+    projected = attention(x, memory, folded=False, memory_norm=norm)
     torch.testing.assert_close(folded, projected, atol=1e-5, rtol=1e-5)
     upstream = torch.randn(folded.shape, generator=g)
     names = ["x", "memory", *(n for n, _ in attention.named_parameters())]
-    inputs = (x, memory, *attention.parameters())
+    names += ["norm.weight", "norm.bias"] if norm else []
+    inputs = (x, memory, *params)
     grads_folded = torch.autograd.grad(folded, inputs, upstream)
     grads_projected = torch.autograd.grad(projected, inputs, upstream)
     for name, a, b in zip(names, grads_folded, grads_projected, strict=True):
@@ -210,7 +329,7 @@ def test_folded_decoder_attention_equals_projected_attention_with_gradient(num_q
 def test_decoder_attention_folds_only_when_cheaper():
     attention = DecoderAttention(48, 3)
     calls = []
-    attention.forward_folded = lambda x, m: calls.append(x.shape[1]) or x
+    attention.forward_folded = lambda x, m, norm=None: calls.append(x.shape[1]) or x
     attention(torch.randn(1, 1, 48), torch.randn(1, 5, 48))  # 1 query x 3 heads < 48 channels
     attention(torch.randn(1, 20, 48), torch.randn(1, 5, 48))  # 60 > 48: project
     assert calls == [1]
@@ -229,6 +348,10 @@ def test_cross_frame_attention_maps_are_head_averaged_softmax_of_adjacent_frames
     )
     torch.testing.assert_close(maps[0, 1, 0], expected_next)
     assert cross_frame_attention(q[:, :1], k[:, :1]) is None
+    torch.testing.assert_close(maps, all_pairs_cross_frame_attention(q, k))
+    out = torch.full_like(maps, float("nan"))
+    assert cross_frame_attention(q, k, out=out) is out
+    torch.testing.assert_close(out, maps)
 
 
 def test_temporal_conv_is_pytorch_conv_over_time():
@@ -298,6 +421,55 @@ def test_fine_tuned_backbone_gets_gradients():
     loss.backward()
     assert model.backbone.conv1.weight.grad is not None
     assert any(k.startswith("backbone.") for k in model.trainable_state_dict())
+
+
+def all_pairs_cross_frame_attention(q, k):
+    """All frame pairs at once, as one batched product: the straightforward form of the maps."""
+    q = q[:, :, 1:].transpose(2, 3) * q.shape[-1] ** -0.5  # [B, T, H, P, Dh]
+    k = k[:, :, 1:].transpose(2, 3)
+    to_prev = (q[:, 1:] @ k[:, :-1].mT).softmax(-1).mean(2)
+    to_next = (q[:, :-1] @ k[:, 1:].mT).softmax(-1).mean(2)
+    return torch.stack([to_prev, to_next], dim=1)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_chunked_feature_extraction_equals_one_autograd_pass(chunk):
+    torch.manual_seed(0)
+    model = EVL(tiny_config()).eval()
+    model.backbone_chunk = chunk  # None: one clip at a time on CPU; 2: chunks of 2, 1
+    video = torch.randn(3, 4, 3, 24, 24)
+    with torch.no_grad():
+        fast = model.extract_features(video)
+    with torch.enable_grad():  # the backbone's plain path (no in-place activations, no MLP pieces)
+        blocks = model.backbone.forward_intermediates(video.flatten(0, 1), model.blocks)
+    for f, block in zip(fast, blocks, strict=True):
+        out, q, k = (x.detach().unflatten(0, (3, 4)) for x in block)
+        torch.testing.assert_close(f.out, out, atol=1e-5, rtol=0)
+        torch.testing.assert_close(f.attn, all_pairs_cross_frame_attention(q, k), atol=1e-6, rtol=0)
+
+
+def test_open_backbone_features_equal_frozen_ones_and_carry_gradients():
+    torch.manual_seed(0)
+    frozen = EVL(tiny_config()).eval()
+    open_ = EVL(dataclasses.replace(tiny_config(), freeze_backbone=False)).eval()
+    open_.load_state_dict(frozen.state_dict())
+    video = torch.randn(2, 4, 3, 24, 24)
+    with torch.no_grad():
+        expected = frozen.extract_features(video)
+    got = open_.extract_features(video)
+    assert got[0].attn.requires_grad
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a.out.detach(), b.out, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.attn.detach(), b.attn, atol=1e-6, rtol=0)
+
+
+def test_frame_features_of_one_frame_have_no_maps():
+    model = EVL(tiny_config(num_frames=1, temporal_pos_embed=False)).eval()
+    with torch.no_grad():
+        features = model.extract_features(torch.randn(2, 1, 3, 24, 24))
+        assert all(f.attn is None for f in features)
+        block = model.backbone.forward_intermediates(torch.randn(2, 3, 24, 24), [1])[0]
+    assert frame_features(block._replace(**{n: x[:, None] for n, x in block._asdict().items()})).attn is None
 
 
 def test_no_in_place_change_of_backbone_features():

@@ -44,3 +44,22 @@ def test_executed_decoder_costs_less_than_the_paper_formulation():
     assert executed.backbone_gflops == pytest.approx(paper.backbone_gflops, rel=1e-9)
     # Folded single-query attention: the key/value projections of every memory token are gone.
     assert executed.decoder_gflops < 0.8 * paper.decoder_gflops
+
+
+@pytest.mark.parametrize("num_maps,overhead", [(14, 15 / 14), (56, 1.0), (1, 27 / 14)])
+def test_grouped_aggregation_costs_little_more_than_the_gathered_table(num_maps, overhead):
+    """Multiply-adds of the executed cross-frame aggregation against the paper's gather form (14x14 grid)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from evl.models.evl import aggregate_relative, aggregate_relative_gather, relative_position_index
+
+    def flops(fn, *args):
+        with torch.device("meta"), FlopCounterMode(display=False) as counter:
+            fn(*args)
+        return counter.get_total_flops()
+
+    attn, weight = torch.empty(num_maps, 196, 196, device="meta"), torch.empty(27 * 27, 768, device="meta")
+    grouped = flops(aggregate_relative, attn, weight, (14, 14))
+    gathered = flops(aggregate_relative_gather, attn, weight, relative_position_index(14, 14).to("meta"))
+    assert grouped == pytest.approx(overhead * gathered, rel=1e-9)

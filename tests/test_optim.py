@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -132,3 +133,32 @@ def test_cosine_schedule_is_a_multiplier():
     schedule = CosineSchedule(total_steps=4, warmup_steps=0, min_lr_ratio=0.0)
     expected = [(1 + math.cos(math.pi * s / 4)) / 2 for s in range(5)]  # 1, 0.854, 0.5, 0.146, 0
     assert [schedule(s) for s in range(5)] == pytest.approx(expected)
+
+
+def test_fused_adamw_follows_the_default_implementation():
+    """build_optimizer takes torch's fused kernel where it exists; the trajectory is AdamW's to rounding."""
+    from evl.engine.optim import fused_adamw_supported
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    reference, initial = copy.deepcopy(model), copy.deepcopy(model)
+    fused = build_optimizer(model, lr=1e-2, weight_decay=0.05)
+    assert fused.defaults["fused"] is fused_adamw_supported(model.parameters())
+    plain = torch.optim.AdamW(param_groups(reference, 0.05), lr=1e-2, weight_decay=0.05, foreach=False)
+    data = torch.randn(16, 6)
+    for _ in range(5):
+        for net, optimizer in ((model, fused), (reference, plain)):
+            optimizer.zero_grad()
+            net(data).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(model[0].weight, initial[0].weight, atol=1e-3)  # the steps did move them
+
+
+def test_fused_adamw_needs_floating_parameters_on_a_supported_device():
+    from evl.engine.optim import fused_adamw_supported
+
+    assert not fused_adamw_supported([])
+    assert not fused_adamw_supported([torch.zeros(3, dtype=torch.long)])
+    assert not fused_adamw_supported([torch.zeros(3, device="meta")])

@@ -92,10 +92,14 @@ def _median_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> f
     return statistics.median(times)
 
 
-def _peak_memory_gb(device: torch.device) -> float:
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak memory in GiB (2^30 bytes) and GB (10^9 bytes): the process's maximum resident set on CPU,
+    the tensors' peak on CUDA."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux reports KiB
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"peak_memory_gib": peak / 2**30, "peak_memory_gb": peak / 1e9}
 
 
 def _video(batch: int, config: ModelConfig, device: torch.device) -> torch.Tensor:
@@ -136,7 +140,7 @@ def measure_train_step(
     return {
         "batch": batch,
         "step_s": seconds,
-        "peak_memory_gb": _peak_memory_gb(device),
+        **_peak_memory(device),
         "trainable_params": trainable,
     }
 
@@ -156,7 +160,7 @@ def measure_inference(bench: BenchConfig, device: torch.device, batch: int) -> d
         "batch": batch,
         "seconds": seconds,
         "videos_per_s": batch / seconds,
-        "peak_memory_gb": _peak_memory_gb(device),
+        **_peak_memory(device),
     }
 
 

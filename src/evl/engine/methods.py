@@ -27,7 +27,7 @@ from torch import nn
 
 from evl.config import VISION_PRESETS, MethodConfig, ModelConfig, RunConfig, to_dict, vision_preset
 from evl.engine.checkpoint import atomic_path
-from evl.engine.optim import build_optimizer
+from evl.engine.optim import adamw, build_optimizer
 from evl.models.clip_text import TEXT_PRESETS
 from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.evl import EVL
@@ -247,4 +247,4 @@ def build_method_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Adam
         groups = model.param_groups(cfg.lr, cfg.weight_decay, decay_all=cfg.decay_all)
     if not groups:
         raise ValueError(f"--method {name}: the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
+    return adamw(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)

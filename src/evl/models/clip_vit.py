@@ -9,7 +9,7 @@ EVL's decoder and its temporal cross-attention consume.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from evl.config import VisionConfig
-from evl.models.layers import LayerNorm, activation_layer
+from evl.models.layers import LayerNorm, QuickGELU, activation_layer
+
+# Tokens per MLP matmul when no gradient is needed (memory, not speed: the hidden tensors' size).
+MLP_TOKENS_PER_PIECE = 800
 
 
 class BlockFeatures(NamedTuple):
@@ -82,9 +85,34 @@ class ResidualAttentionBlock(nn.Module):
         self, x: torch.Tensor, return_qk: bool = False, causal: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         attn_out, qk = self.attn(self.ln_1(x), return_qk=return_qk, causal=causal)
-        x = x + attn_out
-        x = x + self.mlp(self.ln_2(x))
-        return x, qk
+        x = _residual_add(x, attn_out)
+        return _residual_add(x, self._mlp(self.ln_2(x))), qk
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if _needs_plain_ops() or not isinstance(self.mlp.gelu, QuickGELU):
+            return self.mlp(x)
+        # Without autograd: a few hundred tokens at a time, with QuickGELU (x * sigmoid(1.702 x)) in place,
+        # so the [tokens, 4C] hidden tensors stay a few MiB (19 MiB each for 8 frames of ViT-B/16 at once).
+        tokens = x.reshape(-1, x.shape[-1])
+        out = torch.empty_like(tokens)
+        pieces = -(-tokens.shape[0] // MLP_TOKENS_PER_PIECE)
+        for part, target in zip(tokens.chunk(pieces), out.chunk(pieces), strict=True):
+            hidden = self.mlp.c_fc(part)
+            hidden.mul_(torch.sigmoid_(hidden * 1.702))
+            target.copy_(self.mlp.c_proj(hidden))
+        return out.view(x.shape)
+
+
+def _residual_add(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """x + update; without autograd written into ``update`` (a block's own fresh output), saving a buffer."""
+    if _needs_plain_ops() or update.dtype != x.dtype or update.shape != x.shape:
+        return x + update
+    return update.add_(x)
+
+
+def _needs_plain_ops() -> bool:
+    """Autograd is recording, or a tracer is (a traced graph must not depend on buffer reuse)."""
+    return torch.is_grad_enabled() or torch.jit.is_tracing()
 
 
 class Transformer(nn.Module):
@@ -159,20 +187,30 @@ class CLIPVisionTransformer(nn.Module):
         Only blocks up to the deepest requested one run, q/k are kept for the requested blocks only, and
         ``ln_post``/``proj`` are not applied: the decoder reads the raw residual stream.
         """
+        kept = dict(self.iter_intermediates(x, blocks))
+        return [kept[b] for b in blocks]
+
+    def iter_intermediates(
+        self, x: torch.Tensor, blocks: Sequence[int]
+    ) -> Iterator[tuple[int, BlockFeatures]]:
+        """As :meth:`forward_intermediates`, but yields (block index, features) shallow to deep as soon as
+        each requested block has run. A consumer that keeps only what it needs of each before asking for the
+        next (e.g. not q and k) holds one block's q and k at a time instead of all of them."""
         num_blocks = len(self.transformer.resblocks)
         wanted = sorted(set(blocks))
         if not wanted:
             raise ValueError("forward_intermediates needs at least one block index")
         if wanted[0] < 0 or wanted[-1] >= num_blocks:
             raise ValueError(f"block indices {list(blocks)} are outside the encoder's {num_blocks} blocks")
-        kept: dict[int, BlockFeatures] = {}
         x = self.embed(x)
         for index, block in enumerate(self.transformer.resblocks[: wanted[-1] + 1]):
             keep = index in wanted
             x, qk = block(x, return_qk=keep)
             if keep:
-                kept[index] = BlockFeatures(x, *qk)
-        return [kept[b] for b in blocks]
+                features = BlockFeatures(x, *qk)
+                del qk  # the consumer decides how long q and k live
+                yield index, features
+                del features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [N, 3, H, W] -> output tokens of the last block [N, L, C] (no ``ln_post``)."""

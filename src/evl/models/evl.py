@@ -13,6 +13,7 @@ Only the decoder and the head train; the backbone runs without autograd and is n
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
@@ -63,6 +64,78 @@ class TemporalPosEmbed(nn.Module):
         return self.embed[None, :, None, :]
 
 
+def _tap_slices(num_frames: int, shift: int) -> tuple[slice, slice]:
+    """Frames (receiving, read) of a tap that adds x[t + shift] to y[t], zero-padded at both ends."""
+    return slice(max(0, -shift), num_frames - max(0, shift)), slice(
+        max(0, shift), num_frames - max(0, -shift)
+    )
+
+
+class _TemporalResidual(torch.autograd.Function):
+    """x + TemporalConv(x) + TemporalPosEmbed() in [B, T, L, C] order, each tap a multiply-add over frames.
+
+    F.conv1d wants [B*L, C, T] (a transposed copy there and back, and a slow backward for this layout);
+    here the centre tap and the residual are one multiply (x * (1 + w)) and bias plus embedding one [T, C]
+    table, so forward is three passes over x and backward needs no transposes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, embed):
+        t, c = x.shape[1], x.shape[-1]
+        offset = x.new_zeros(t, 1, c)  # bias + embedding, per frame
+        if bias is not None:
+            offset += bias
+        if embed is not None:
+            offset += embed[:, None]
+        if weight is None:
+            y = x + offset
+        else:
+            taps, centre = weight[:, 0], weight.shape[-1] // 2  # [C, K]
+            y = torch.addcmul(offset, x, taps[:, centre] + 1)
+            for tap in range(taps.shape[1]):
+                if tap != centre:
+                    out, read = _tap_slices(t, tap - centre)
+                    y[:, out].addcmul_(x[:, read], taps[:, tap])
+        ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias, needs_embed = ctx.needs_input_grad
+        grad_x = grad_weight = grad_bias = grad_embed = None
+        if needs_bias or needs_embed:
+            per_frame = grad.sum(dim=(0, 2))  # [T, C]
+            grad_bias = per_frame.sum(0) if needs_bias else None
+            grad_embed = per_frame if needs_embed else None
+        if weight is None:
+            return grad if needs_x else None, None, grad_bias, grad_embed
+        t, (taps, centre) = x.shape[1], (weight[:, 0], weight.shape[-1] // 2)
+        if needs_weight:
+            per_tap = []
+            for tap in range(taps.shape[1]):
+                out, read = _tap_slices(t, tap - centre)
+                per_tap.append((grad[:, out] * x[:, read]).sum(dim=(0, 1, 2)))
+            grad_weight = torch.stack(per_tap, dim=-1).unsqueeze(1)  # [C, 1, K]
+        if needs_x:
+            grad_x = grad * (taps[:, centre] + 1)
+            for tap in range(taps.shape[1]):
+                if tap != centre:
+                    out, read = _tap_slices(t, tap - centre)
+                    grad_x[:, read].addcmul_(grad[:, out], taps[:, tap])
+        return grad_x, grad_weight, grad_bias, grad_embed
+
+
+def temporal_residual(
+    x: torch.Tensor, conv: TemporalConv | None, pos_embed: TemporalPosEmbed | None
+) -> torch.Tensor:
+    """x + conv(x) + pos_embed() for x [B, T, L, C] (either module may be None), always a new tensor."""
+    if conv is None and pos_embed is None:
+        return x.clone()
+    weight, bias = (None, None) if conv is None else (conv.weight, conv.bias)
+    return _TemporalResidual.apply(x, weight, bias, None if pos_embed is None else pos_embed.embed)
+
+
 def relative_position_index(grid_h: int, grid_w: int) -> torch.Tensor:
     """[h*w, h*w] long: row of the (2h-1)(2w-1) offset table for query patch q and key patch k.
 
@@ -75,22 +148,183 @@ def relative_position_index(grid_h: int, grid_w: int) -> torch.Tensor:
     return d_row * (2 * grid_w - 1) + d_col
 
 
-def aggregate_relative(attn: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """out[n, q, c] = sum_k attn[n, q, k] * weight[index[q, k], c], without building weight[index].
+# A group of queries multiplies its maps with one window of the offset table; below this many rows per
+# matmul (maps x queries per group), CPU matmuls run far from their peak rate.
+MIN_GROUP_ROWS = 24
 
-    attn [N, Lq, Lk], weight [R, C], index [Lq, Lk] -> [N, Lq, C]. Within one query row every key has a
-    distinct offset, so scattering the attention row into its offset bins loses nothing; one matmul with the
-    table then does the rest. The straightforward form materialises an [Lq, Lk, C] tensor per call (113 MiB
-    for ViT-B/16) and is kept as :func:`aggregate_relative_gather` for testing and FLOP counting.
+
+def relative_query_groups(grid_h: int, grid_w: int, num_maps: int) -> tuple[int, int]:
+    """Query patches (rows, columns) per group for :class:`RelativeAggregation`, given N maps per call.
+
+    A group of sy x sx queries reads an (h+sy-1) x (w+sx-1) window of the offset table, against h x w keys:
+    wider groups waste multiply-adds on offsets that only some of their queries have (the whole 14x14 grid:
+    3.7x), narrower ones make matmuls of N*sy*sx rows. One grid row and the fewest columns (a divisor of
+    the width) that give ``MIN_GROUP_ROWS`` rows: 1 x 2 for ViT-B/16 at batch 2 (N = 14), 7% waste.
     """
-    n, lq, lk = attn.shape
-    bins = attn.new_zeros(n, lq, weight.shape[0]).scatter_(2, index.expand(n, lq, lk), attn)
-    return bins @ weight
+    for cols in range(1, grid_w + 1):
+        if grid_w % cols == 0 and num_maps * cols >= MIN_GROUP_ROWS:
+            return 1, cols
+    return 1, grid_w
+
+
+@functools.lru_cache(maxsize=64)
+def _window_index(grid_h: int, grid_w: int, group_h: int, group_w: int) -> torch.Tensor:
+    """[sy, sx, P] long: where key patch (yj, xj) falls in the table window of query (ry, rx) of a group.
+
+    The window of the group whose first query is (gy*sy, gx*sx) starts at offset (gy*sy, gx*sx) of the
+    [2h-1, 2w-1] table and is (h+sy-1) x (w+sx-1); query (ry, rx) of the group reads offset
+    (ry - yj + h - 1, rx - xj + w - 1) of it.
+    """
+    ry = torch.arange(group_h).view(-1, 1, 1, 1)
+    rx = torch.arange(group_w).view(1, -1, 1, 1)
+    yj = torch.arange(grid_h).view(1, 1, -1, 1)
+    xj = torch.arange(grid_w).view(1, 1, 1, -1)
+    index = (ry - yj + grid_h - 1) * (grid_w + group_w - 1) + (rx - xj + grid_w - 1)
+    return index.reshape(group_h, group_w, grid_h * grid_w)
+
+
+class RelativeAggregation(NamedTuple):
+    """out[..., q, :] = sum_k attn[..., q, k] * weight[index[q, k]], computed group by group of queries.
+
+    The straightforward form gathers an [P, P, C] table per call (113 MiB for ViT-B/16) and is kept as
+    :func:`aggregate_relative_gather`. Scattering each attention row into all (2h-1)(2w-1) offset bins
+    and multiplying by the table costs P*(2h-1)(2w-1)*C multiply-adds per map, 3.7x the P*P*C needed.
+    Here the queries are cut into groups of ``group_h`` x ``group_w`` patches: the offsets a group reads
+    form one (h+sy-1) x (w+sx-1) window of the table, so scattering its rows into that window's bins and
+    multiplying by the window wastes only (h+sy-1)(w+sx-1) / (h*w) - 1. Windows of groups in one column
+    of groups are overlapping, equally spaced slices of a copy of the table's columns they span, hence one
+    batched matmul per group column. Leading dimensions of ``attn`` and of the output are any ``lead``.
+    """
+
+    grid_h: int
+    grid_w: int
+    group_h: int
+    group_w: int
+
+    @classmethod
+    def for_maps(cls, grid_h: int, grid_w: int, num_maps: int) -> RelativeAggregation:
+        return cls(grid_h, grid_w, *relative_query_groups(grid_h, grid_w, num_maps))
+
+    @property
+    def window(self) -> tuple[int, int]:
+        return self.grid_h + self.group_h - 1, self.grid_w + self.group_w - 1
+
+    @property
+    def num_groups(self) -> tuple[int, int]:
+        if self.grid_h % self.group_h or self.grid_w % self.group_w:
+            raise ValueError(
+                f"query groups {self.group_h}x{self.group_w} do not tile the grid {self.grid_h}x{self.grid_w}"
+            )
+        return self.grid_h // self.group_h, self.grid_w // self.group_w
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """[*lead, P, D] (queries row-major) -> view [Gx, Gy, *lead, sy, sx, D]."""
+        (gy, gx), k = self.num_groups, x.ndim - 2
+        x = x.view(*x.shape[:-2], gy, self.group_h, gx, self.group_w, x.shape[-1])
+        return x.permute(k + 2, k, *range(k), k + 1, k + 3, k + 4)
+
+    def bins(self, attn_column: torch.Tensor) -> torch.Tensor:
+        """One column of groups of :meth:`grouped` attn, [Gy, *lead, sy, sx, P] -> [Gy, M, window]
+        (M = N*sy*sx rows): each attention row scattered into its group's window of offsets."""
+        index = _window_index(*self).to(attn_column.device).expand(attn_column.shape)
+        bins = attn_column.new_zeros(*attn_column.shape[:-1], self.window[0] * self.window[1])
+        bins.scatter_(-1, index, attn_column)
+        return bins.view(bins.shape[0], -1, bins.shape[-1])
+
+    def table(self, weight: torch.Tensor, column: int) -> torch.Tensor:
+        """weight [R, C] -> [2h-1, w+sx-1, C], contiguous: the offset columns one column of groups reads."""
+        table = weight.contiguous().view(2 * self.grid_h - 1, 2 * self.grid_w - 1, -1)
+        if self.group_w == self.grid_w:
+            return table  # one column of groups reads the whole table
+        start = column * self.group_w
+        return table[:, start : start + self.window[1]].contiguous()
+
+    def windows(self, table: torch.Tensor) -> torch.Tensor:
+        """One column's table [2h-1, w+sx-1, C] -> overlapping view [Gy, window, C], one per group."""
+        row = table.stride(0)
+        return table.as_strided(
+            (self.num_groups[0], self.window[0] * self.window[1], table.shape[-1]),
+            (self.group_h * row, table.stride(1), 1),
+        )
+
+    def add_to(self, out: torch.Tensor, attn: torch.Tensor, weight: torch.Tensor) -> None:
+        """out [*lead, P, C] += the aggregation of attn [*lead, P, P] (in place, no autograd)."""
+        grouped_out, grouped_attn = self.grouped(out), self.grouped(attn)
+        for column in range(self.num_groups[1]):  # one column of groups at a time: small temporaries
+            products = torch.bmm(self.bins(grouped_attn[column]), self.windows(self.table(weight, column)))
+            grouped_out[column].add_(products.view(grouped_out[column].shape))
+
+    def weight_grad(self, attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """d out / d weight: [R, C], from attn [*lead, P, P] and the output gradient [*lead, P, C]."""
+        (gy, gx), (wh, ww), c = self.num_groups, self.window, grad.shape[-1]
+        grouped_attn, grouped_grad = self.grouped(attn), self.grouped(grad)
+        table = grad.new_empty(2 * self.grid_h - 1, ww, c)  # one column of groups' part, reused
+        weight = grad.new_zeros(2 * self.grid_h - 1, 2 * self.grid_w - 1, c) if gx > 1 else table
+        for column in range(gx):
+            bins, rows = self.bins(grouped_attn[column]), _rows(grouped_grad[column])
+            table.zero_()
+            for group in range(gy):
+                start = group * self.group_h
+                window = table[start : start + wh].view(wh * ww, c)  # overlaps the next group's
+                window.addmm_(bins[group].mT, rows[group])
+            if gx > 1:
+                weight[:, column * self.group_w : column * self.group_w + ww] += table
+        return weight.view(-1, c)
+
+    def attn_grad(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """d out / d attn: [*lead, P, P], from the weight and the output gradient [*lead, P, C]."""
+        p = self.grid_h * self.grid_w
+        out = grad.new_empty(*grad.shape[:-1], p)
+        grouped_out, grouped_grad = self.grouped(out), self.grouped(grad)
+        for column in range(self.num_groups[1]):
+            grad_bins = _rows(grouped_grad[column]) @ self.windows(self.table(weight, column)).mT
+            target = grouped_out[column]  # [Gy, *lead, sy, sx, P]
+            index = _window_index(*self).to(grad.device).expand(target.shape)
+            target.copy_(grad_bins.view(*target.shape[:-1], -1).gather(-1, index))
+        return out
+
+
+def _rows(grouped: torch.Tensor) -> torch.Tensor:
+    """One column of groups [Gy, *lead, sy, sx, D] -> contiguous [Gy, M, D]."""
+    grouped = grouped.contiguous()
+    return grouped.view(grouped.shape[0], -1, grouped.shape[-1])
+
+
+class _AggregateRelative(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, attn, weight, aggregation):
+        ctx.save_for_backward(attn, weight)
+        ctx.aggregation = aggregation
+        out = attn.new_zeros(*attn.shape[:-1], weight.shape[-1])
+        aggregation.add_to(out, attn, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        attn, weight = ctx.saved_tensors
+        grad_attn = ctx.aggregation.attn_grad(weight, grad) if ctx.needs_input_grad[0] else None
+        grad_weight = ctx.aggregation.weight_grad(attn, grad) if ctx.needs_input_grad[1] else None
+        return grad_attn, grad_weight, None
+
+
+def aggregate_relative(
+    attn: torch.Tensor, weight: torch.Tensor, grid: tuple[int, int], groups: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """out[..., q, c] = sum_k attn[..., q, k] * weight[offset(q, k), c] on an h x w patch grid.
+
+    attn [*lead, P, P], weight [(2h-1)(2w-1), C] (rows as :func:`relative_position_index`) -> [*lead, P, C],
+    through :class:`RelativeAggregation` (``groups``: queries per group, default
+    :func:`relative_query_groups`); equal to :func:`aggregate_relative_gather` with gradients.
+    """
+    num_maps = attn[..., 0, 0].numel()
+    aggregation = RelativeAggregation(*grid, *(groups or relative_query_groups(*grid, num_maps)))
+    return _AggregateRelative.apply(attn, weight, aggregation)
 
 
 def aggregate_relative_gather(attn: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The straightforward form of :func:`aggregate_relative` (the paper's formulation)."""
-    return torch.einsum("nqk,qkc->nqc", attn, weight[index])
+    """The straightforward form of :func:`aggregate_relative` (the paper's formulation): attn [*lead, P, P],
+    weight [R, C], index [P, P] (:func:`relative_position_index`) -> [*lead, P, C]."""
+    return torch.einsum("...qk,qkc->...qc", attn, weight[index])
 
 
 class FrameFeatures(NamedTuple):
@@ -106,24 +340,78 @@ class FrameFeatures(NamedTuple):
     attn: torch.Tensor | None
 
 
-def cross_frame_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-    """Frozen q, k [B, T, L, H, Dh] (CLS first) -> head-averaged maps [B, 2, T-1, P, P] (None when T = 1).
+def cross_frame_attention(
+    q: torch.Tensor, k: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Frozen q, k [B, T, L, H, Dh] (CLS first) -> head-averaged maps [B, 2, T-1, P, P] (None when T = 1),
+    written into ``out`` when given.
 
     A = mean over heads of softmax(q_t k_s^T / sqrt(Dh)) over the patch tokens, for s = t-1 and s = t+1.
+    One frame pair at a time: the [B, H, P, P] scores of a pair are a few MiB, of all pairs tens.
     """
-    _, t, _, _, d = q.shape
+    b, t, length, _, _ = q.shape
     if t < 2:
         return None
-    q = q[:, :, 1:].transpose(2, 3).float() * d**-0.5  # [B, T, H, P, Dh], CLS dropped
-    k = k[:, :, 1:].transpose(2, 3).float()
-    to_prev = (q[:, 1:] @ k[:, :-1].transpose(-2, -1)).softmax(dim=-1).mean(dim=2)  # [B, T-1, P, P]
-    to_next = (q[:, :-1] @ k[:, 1:].transpose(-2, -1)).softmax(dim=-1).mean(dim=2)
-    return torch.stack([to_prev, to_next], dim=1)
+    if out is None:
+        out = q.new_empty(b, 2, t - 1, length - 1, length - 1, dtype=torch.float32)
+    for pair in range(t - 1):
+        out[:, 0, pair] = _head_averaged_attention(q[:, pair + 1], k[:, pair])
+        out[:, 1, pair] = _head_averaged_attention(q[:, pair], k[:, pair + 1])
+    return out
+
+
+def _head_averaged_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q, k [B, L, H, Dh] of two frames -> [B, P, P]: softmax(q k^T / sqrt(Dh)) over patches, head mean."""
+    q = q[:, 1:].transpose(1, 2).float() * q.shape[-1] ** -0.5  # [B, H, P, Dh], CLS dropped
+    k = k[:, 1:].transpose(1, 2).float()
+    return (q @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
 
 
 def frame_features(block: BlockFeatures, with_attention: bool = True) -> FrameFeatures:
     """Backbone block features (out [B, T, L, C], q/k [B, T, L, H, Dh]) -> :class:`FrameFeatures`."""
     return FrameFeatures(block.out, cross_frame_attention(block.q, block.k) if with_attention else None)
+
+
+def _receiving_patches(x: torch.Tensor, direction: int) -> torch.Tensor:
+    """[B, T, L, C] -> view [B, T-1, P, C]: the patch tokens of the frames that receive ``direction``'s term
+    (0: frames 1.., which attend to their previous frame; 1: frames ..T-2, to their next)."""
+    return x[:, 1:, 1:] if direction == 0 else x[:, :-1, 1:]
+
+
+class _AddCrossFrameTerms(torch.autograd.Function):
+    """y += the cross-frame terms of :class:`TemporalCrossAttention`, in place: no [B, T, L, C] temporary
+    in forward, and the gradient of y passes through untouched."""
+
+    @staticmethod
+    def forward(ctx, y, attn, w_prev, w_next, aggregation):
+        for direction, weight in enumerate((w_prev, w_next)):
+            aggregation.add_to(_receiving_patches(y, direction), attn[:, direction], weight)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(attn, w_prev, w_next)
+        ctx.aggregation = aggregation
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        attn, *weights = ctx.saved_tensors
+        aggregation: RelativeAggregation = ctx.aggregation
+        grad_attn, grad_weights = [], []
+        for direction, weight in enumerate(weights):
+            received = _receiving_patches(grad, direction)
+            if ctx.needs_input_grad[1]:
+                grad_attn.append(aggregation.attn_grad(weight, received))
+            needed = ctx.needs_input_grad[2 + direction]
+            grad_weights.append(aggregation.weight_grad(attn[:, direction], received) if needed else None)
+        return grad, torch.stack(grad_attn, dim=1) if grad_attn else None, *grad_weights, None
+
+
+def _write_block(block: BlockFeatures, target: FrameFeatures, rows: slice, num_frames: int) -> None:
+    """Backbone features of clips ``rows`` (out [N, L, C], q/k [N, L, H, Dh], N = clips x frames) into
+    ``target``'s out and attention maps."""
+    target.out[rows] = block.out.unflatten(0, (-1, num_frames))
+    if target.attn is not None:
+        q, k = (x.unflatten(0, (-1, num_frames)) for x in (block.q, block.k))
+        cross_frame_attention(q, k, out=target.attn[rows])
 
 
 class TemporalCrossAttention(nn.Module):
@@ -144,14 +432,34 @@ class TemporalCrossAttention(nn.Module):
         self.register_buffer("index", relative_position_index(grid_h, grid_w), persistent=False)
         self.materialize = False  # True: the paper's gather formulation (used for FLOP counting)
 
-    def _aggregate(self, attn: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """attn [B, T', P, P] -> [B, T', P, C]."""
-        b, t, p, _ = attn.shape
-        aggregate = aggregate_relative_gather if self.materialize else aggregate_relative
-        return aggregate(attn.flatten(0, 1).to(weight.dtype), weight, self.index).view(b, t, p, -1)
-
     def forward(self, attn: torch.Tensor | None, num_frames: int) -> torch.Tensor:
         """attn [B, 2, T-1, P, P] or None (one frame) -> [B, T, L, C] (zero at CLS)."""
+        b = 1 if attn is None else attn.shape[0]
+        out = self.w_prev.new_zeros(b, num_frames, self.grid[0] * self.grid[1] + 1, self.w_prev.shape[1])
+        return self.add_to(out, attn)
+
+    def add_to(self, y: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
+        """y [B, T, L, C] + :meth:`forward`, computed in place in y (which is returned); y must be a tensor
+        of the caller's own, not one that autograd or the caller still needs unchanged."""
+        self._check_grid(attn)
+        if attn is None:
+            return y
+        attn = attn.to(self.w_prev.dtype)
+        if self.materialize:
+            return y + self._gathered(attn, y.shape[1])
+        aggregation = RelativeAggregation.for_maps(*self.grid, attn[:, 0, :, 0, 0].numel())
+        return _AddCrossFrameTerms.apply(y, attn, self.w_prev, self.w_next, aggregation)
+
+    def _gathered(self, attn: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """The paper's formulation, with the [P, P, C] table gathered: [B, T, L, C]."""
+        b, _, _, p, _ = attn.shape
+        out = self.w_prev.new_zeros(b, num_frames, p + 1, self.w_prev.shape[1])
+        # NOTE(ref): frame t gets (0 + previous-frame term) + next-frame term, in that order.
+        out[:, 1:, 1:] += aggregate_relative_gather(attn[:, 0], self.w_prev, self.index)
+        out[:, :-1, 1:] += aggregate_relative_gather(attn[:, 1], self.w_next, self.index)
+        return out
+
+    def _check_grid(self, attn: torch.Tensor | None) -> None:
         num_patches = self.grid[0] * self.grid[1]
         if attn is not None and attn.shape[-1] != num_patches:
             raise ValueError(
@@ -159,17 +467,125 @@ class TemporalCrossAttention(nn.Module):
                 f"({num_patches + 1} tokens per frame) but got {attn.shape[-1] + 1} tokens per frame; "
                 "feed frames at the backbone's image size"
             )
-        b = 1 if attn is None else attn.shape[0]
-        out = self.w_prev.new_zeros(b, num_frames, num_patches + 1, self.w_prev.shape[1])
-        if attn is not None:
-            patches = out[:, :, 1:]
-            # NOTE(ref): frame t gets (0 + previous-frame term) + next-frame term, in that order.
-            patches[:, 1:] += self._aggregate(attn[:, 0], self.w_prev)
-            patches[:, :-1] += self._aggregate(attn[:, 1], self.w_next)
-        return out
 
 
 # --------------------------------------------------------------------------------------------- decoder
+
+
+class _AttendMemory(torch.autograd.Function):
+    """softmax(keys @ memory^T + bias) @ memory, with the memory gradient as one matmul.
+
+    Autograd would form the memory's gradient from the scores and from the weighted sum separately
+    (two [B, Lm, C] products and their sum); both are rank-Q updates of the same tensor, so one product
+    of the stacked factors ([B, 2Q, Lm]^T @ [B, 2Q, C]) gives it in one pass.
+    """
+
+    @staticmethod
+    def forward(ctx, keys, bias, memory):
+        attn = (keys @ memory.mT + bias).softmax(dim=-1)  # [B, Q, Lm]
+        ctx.save_for_backward(keys, attn, memory)
+        return attn @ memory
+
+    @staticmethod
+    def backward(ctx, grad):
+        keys, attn, memory = ctx.saved_tensors
+        grad_scores = _softmax_backward(attn, grad @ memory.mT)
+        grad_keys = grad_scores @ memory if ctx.needs_input_grad[0] else None
+        grad_bias = grad_scores.sum(dim=-1, keepdim=True) if ctx.needs_input_grad[1] else None
+        grad_memory = None
+        if ctx.needs_input_grad[2]:
+            grad_memory = torch.cat([grad_scores, attn], dim=1).mT @ torch.cat([keys, grad], dim=1)
+        return grad_keys, grad_bias, grad_memory
+
+
+def _softmax_backward(attn: torch.Tensor, grad_attn: torch.Tensor) -> torch.Tensor:
+    return attn * (grad_attn - (grad_attn * attn).sum(dim=-1, keepdim=True))
+
+
+# Pieces of the memory that _AttendNormalizedMemory's backward renormalises at a time.
+MEMORY_PIECES = 4
+
+
+class _AttendNormalizedMemory(torch.autograd.Function):
+    """:class:`_AttendMemory` of m = LayerNorm(memory), keeping only the memory for backward.
+
+    Autograd would keep the normalised memory too, and in backward hold its gradient and the memory's
+    ([B, Lm, C] each) at once. Here backward renormalises the memory piece by piece and runs each piece's
+    LayerNorm backward as soon as its gradient is formed: one [B, Lm, C] tensor (the memory's gradient)
+    instead of three, for a little more time (lean decoders: see EVLDecoder.checkpoint_memory).
+    """
+
+    @staticmethod
+    def forward(ctx, keys, bias, memory, weight, norm_bias, eps):
+        normed, mean, rstd = torch.native_layer_norm(memory, (memory.shape[-1],), weight, norm_bias, eps)
+        attn = (keys @ normed.mT + bias).softmax(dim=-1)  # [B, Q, Lm]
+        ctx.save_for_backward(keys, attn, memory, weight, norm_bias, mean, rstd)
+        ctx.eps = eps
+        return attn @ normed
+
+    @staticmethod
+    def backward(ctx, grad):
+        keys, attn, memory, weight, norm_bias, mean, rstd = ctx.saved_tensors
+        need_keys, need_bias, need_memory, need_weight, need_norm_bias, _ = ctx.needs_input_grad
+        pieces = _MemoryPieces(memory, weight, norm_bias, ctx.eps)
+        grad_attn = torch.empty_like(attn)
+        for i, span in pieces:
+            grad_attn[i, :, span] = grad[i] @ pieces.normalized(i, span).T
+        grad_scores = _softmax_backward(attn, grad_attn)
+        del grad_attn
+        grad_keys = torch.zeros_like(keys) if need_keys else None
+        grad_memory = torch.empty_like(memory) if need_memory else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_norm_bias = torch.zeros_like(norm_bias) if need_norm_bias else None
+        factors, values = torch.cat([grad_scores, attn], dim=1), torch.cat([keys, grad], dim=1)
+        mask = [need_memory, need_weight, need_norm_bias]
+        for i, span in pieces:
+            if need_keys:
+                grad_keys[i].addmm_(grad_scores[i, :, span], pieces.normalized(i, span))
+            if not any(mask):
+                continue
+            grad_normed = factors[i, :, span].T @ values[i]  # [piece, C]
+            stats = mean[i, span], rstd[i, span]
+            piece_grads = torch.ops.aten.native_layer_norm_backward(
+                grad_normed, memory[i, span], (memory.shape[-1],), *stats, weight, norm_bias, mask
+            )
+            for total, piece_grad in zip((grad_weight, grad_norm_bias), piece_grads[1:], strict=True):
+                if total is not None:
+                    total += piece_grad
+            if need_memory:
+                grad_memory[i, span] = piece_grads[0]
+        grad_bias = grad_scores.sum(dim=-1, keepdim=True) if need_bias else None
+        return grad_keys, grad_bias, grad_memory, grad_weight, grad_norm_bias, None
+
+
+class _MemoryPieces:
+    """Contiguous pieces (i, rows) of a memory [B, Lm, C], each within one batch row, renormalised on
+    demand with the memory's own LayerNorm."""
+
+    def __init__(self, memory: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> None:
+        self.memory, self.weight, self.bias, self.eps = memory, weight, bias, eps
+        b, length, _ = memory.shape
+        step = -(-length // max(1, MEMORY_PIECES // b))
+        self.spans = [slice(start, min(start + step, length)) for start in range(0, length, step)]
+
+    def __iter__(self) -> Iterator[tuple[int, slice]]:
+        return ((i, span) for i in range(self.memory.shape[0]) for span in self.spans)
+
+    def normalized(self, i: int, span: slice) -> torch.Tensor:
+        x = self.memory[i, span]
+        return torch.native_layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)[0]
+
+
+def attend_memory(
+    keys: torch.Tensor, bias: torch.Tensor, memory: torch.Tensor, norm: nn.LayerNorm | None = None
+) -> torch.Tensor:
+    """keys [B, Q, C], bias [B, Q, 1], memory [B, Lm, C] -> softmax(keys @ m^T + bias) @ m [B, Q, C], where
+    m = norm(memory) or the memory itself. With a norm (float32 memory only), backward holds less."""
+    if norm is None:
+        return _AttendMemory.apply(keys, bias, memory)
+    if memory.dtype != torch.float32:  # the LayerNorm computes in float32, as evl.models.layers.LayerNorm
+        return _AttendMemory.apply(keys, bias, norm(memory))
+    return _AttendNormalizedMemory.apply(keys, bias, memory, norm.weight, norm.bias, norm.eps)
 
 
 class DecoderAttention(nn.Module):
@@ -189,8 +605,14 @@ class DecoderAttention(nn.Module):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, folded: bool | None = None) -> torch.Tensor:
-        """x [B, Lq, C] attends to memory [B, Lm, C] -> [B, Lq, C].
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        folded: bool | None = None,
+        memory_norm: nn.LayerNorm | None = None,
+    ) -> torch.Tensor:
+        """x [B, Lq, C] attends to memory_norm(memory) (memory [B, Lm, C]; no norm: the memory) -> [B, Lq, C].
 
         ``folded`` (default: whenever it is cheaper, i.e. Lq * heads < C) takes :meth:`forward_folded`;
         otherwise the memory is projected to keys and values and attended with fused SDPA.
@@ -200,7 +622,9 @@ class DecoderAttention(nn.Module):
         if folded is None:
             folded = lq * self.heads < c
         if folded:
-            return self.forward_folded(x, memory)
+            return self.forward_folded(x, memory, memory_norm)
+        if memory_norm is not None:
+            memory = memory_norm(memory)
         lm = memory.shape[1]
         d = c // self.heads
         q = self.q_proj(x).view(b, lq, self.heads, d).transpose(1, 2)
@@ -209,7 +633,9 @@ class DecoderAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, Lq, d]
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, c))
 
-    def forward_folded(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    def forward_folded(
+        self, x: torch.Tensor, memory: torch.Tensor, memory_norm: nn.LayerNorm | None = None
+    ) -> torch.Tensor:
         """The same attention with the key and value projections folded into the few queries.
 
         EVL's decoder has one query and a memory of T*L tokens, so projecting every memory token to keys
@@ -225,12 +651,12 @@ class DecoderAttention(nn.Module):
         w_k = self.k_proj.weight.view(h, d, c)
         w_v = self.v_proj.weight.view(h, d, c)
         keys_in_input_space = torch.einsum("bqhd,hdc->bhqc", q, w_k)  # [B, H, Lq, C]
-        scores = keys_in_input_space.flatten(1, 2) @ memory.transpose(1, 2)  # [B, H*Lq, Lm]
         # q . b_k is the same for every key and cancels in the softmax; kept so that b_k stays in the graph
         # (zero gradient, as in the unfolded form, and weight decay treats it alike).
-        scores = scores + torch.einsum("bqhd,hd->bhq", q, self.k_proj.bias.view(h, d)).reshape(b, h * lq, 1)
-        attn = scores.softmax(dim=-1)
-        context = (attn @ memory).view(b, h, lq, c)  # [B, H, Lq, C]: attention-weighted memory per head
+        key_bias = torch.einsum("bqhd,hd->bhq", q, self.k_proj.bias.view(h, d)).reshape(b, h * lq, 1)
+        keys = keys_in_input_space.flatten(1, 2)
+        context = attend_memory(keys, key_bias, memory, memory_norm)  # [B, H*Lq, C]
+        context = context.view(b, h, lq, c)  # attention-weighted memory per head
         out = torch.einsum("bhqc,hdc->bqhd", context, w_v).reshape(b, lq, c) + self.v_proj.bias
         return self.out_proj(out)
 
@@ -261,7 +687,11 @@ class DecoderLayer(nn.Module):
         self.attn = DecoderAttention(width, heads)
         self.mlp = Mlp(width, round(width * mlp_ratio), dropout)
 
-    def attend(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, memory: torch.Tensor, lean: bool = False) -> torch.Tensor:
+        """``lean``: normalise the memory inside the attention, which then keeps only the memory for
+        backward, not its normalised copy too (less memory, slightly more time; same numbers)."""
+        if lean:
+            return query + self.attn(self.norm1(query), memory, memory_norm=self.norm3)
         return query + self.attn(self.norm1(query), self.norm3(memory))
 
     def feed_forward(self, query: torch.Tensor) -> torch.Tensor:
@@ -301,14 +731,27 @@ class EVLDecoder(nn.Module):
             DecoderLayer(width, config.num_heads or heads, config.mlp_ratio, config.mlp_dropout)
             for _ in range(m)
         )
-        # Recompute each layer's memory in backward instead of storing it (an execution choice, not part
-        # of the model: results are identical).
+        # Recompute each layer's memory in backward instead of storing it, and normalise it inside the
+        # attention (an execution choice, not part of the model: results are identical). Off when memory is
+        # plentiful (training on cached features), where storing is faster.
         self.checkpoint_memory = True
 
     def memory(self, i: int, features: FrameFeatures) -> torch.Tensor:
-        """The memory of decoder layer i: block output plus the temporal terms, [B, T, L, C]."""
+        """The memory of decoder layer i: block output plus the temporal terms, [B, T, L, C].
+
+        Equal to :meth:`memory_reference`, computed with fewer passes over the [B, T, L, C] tensors.
+        """
         x = features.out
-        # Never in place: x may be the backbone's (or the feature cache's) own tensor.
+        conv = None if self.temporal_conv is None else self.temporal_conv[i]
+        pos_embed = None if self.temporal_pos_embed is None else self.temporal_pos_embed[i]
+        y = temporal_residual(x, conv, pos_embed)  # a new tensor: x may be the backbone's or the cache's
+        if self.cross_attention is not None:
+            y = self.cross_attention[i].add_to(y, features.attn)
+        return y
+
+    def memory_reference(self, i: int, features: FrameFeatures) -> torch.Tensor:
+        """:meth:`memory` as the plain sum of the temporal modules' own forwards."""
+        x = features.out
         y = x
         if self.temporal_conv is not None:
             y = y + self.temporal_conv[i](x)
@@ -320,7 +763,7 @@ class EVLDecoder(nn.Module):
 
     def attend(self, i: int, query: torch.Tensor, features: FrameFeatures) -> torch.Tensor:
         memory = self.memory(i, features).flatten(1, 2)  # [B, T*L, C], frame-major
-        return self.layers[i].attend(query, memory)
+        return self.layers[i].attend(query, memory, lean=self.checkpoint_memory)
 
     def forward(self, features: list[FrameFeatures]) -> torch.Tensor:
         if len(features) != len(self.layers):
@@ -448,30 +891,85 @@ class EVL(nn.Module):
         With a frozen backbone this is a constant of the video: a feature cache stores exactly this (for
         any ``blocks``, with the attention maps even if this decoder has no cross-attention). Without
         autograd, the backbone runs ``backbone_chunk`` clips at a time, so its transient activations and
-        the per-block q and k stay those of one chunk, whatever the batch size.
+        the per-block q and k stay those of one chunk, whatever the batch size; each block's output and maps
+        go straight into batch-sized tensors allocated up front, so nothing long-lived is allocated among
+        the backbone's transients (which would leave the heap fragmented for the next step).
         """
         if with_attention is None:
             with_attention = self.decoder.cross_attention is not None
+        self.check_input(video)
+        blocks = self.blocks if blocks is None else tuple(blocks)
+        if self._backbone_grad_enabled():
+            return self._frame_features(video, blocks, with_attention)
         chunk = self.backbone_chunk
         if chunk is None:
             chunk = video.shape[0] if video.is_cuda else 1  # GPUs want big batches; CPUs small footprints
-        if self._backbone_grad_enabled() or chunk >= video.shape[0]:
-            return self._frame_features(video, blocks, with_attention)
-        pieces = [self._frame_features(part, blocks, with_attention) for part in video.split(chunk)]
+        features = self._empty_features(video, blocks, with_attention)
+        with torch.no_grad():
+            for start in range(0, video.shape[0], chunk):
+                self._write_frame_features(video[start : start + chunk], blocks, features, start)
+        return features
+
+    def _empty_features(
+        self, video: torch.Tensor, blocks: Sequence[int], with_attention: bool
+    ) -> list[FrameFeatures]:
+        """Uninitialised float32 features of ``video``: out [B, T, L, C], attn [B, 2, T-1, P, P]."""
+        b, t, _, height, width = video.shape
+        patch = self.config.backbone.patch_size
+        p = (height // patch) * (width // patch)
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(shape, dtype=torch.float32, device=video.device)
+
+        with_attention = with_attention and t > 1
         return [
             FrameFeatures(
-                torch.cat([p[i].out for p in pieces]),
-                None if pieces[0][i].attn is None else torch.cat([p[i].attn for p in pieces]),
+                empty(b, t, p + 1, self.config.backbone.width),
+                empty(b, 2, t - 1, p, p) if with_attention else None,
             )
-            for i in range(len(pieces[0]))
+            for _ in blocks
         ]
 
+    def _write_frame_features(
+        self, video: torch.Tensor, blocks: Sequence[int], into: list[FrameFeatures], start: int
+    ) -> None:
+        """One backbone pass without autograd over clips start.. of ``into``; each block's q and k become
+        attention maps (and are dropped) as soon as the block has run."""
+        b, t = video.shape[:2]
+        rows = slice(start, start + b)
+        for index, block in self._backbone_steps(video.flatten(0, 1), blocks):
+            for target in (f for f, wanted in zip(into, blocks, strict=True) if wanted == index):
+                _write_block(block, target, rows, t)
+            del block
+
     def _frame_features(
-        self, video: torch.Tensor, blocks: Sequence[int] | None, with_attention: bool
+        self, video: torch.Tensor, blocks: Sequence[int], with_attention: bool
     ) -> list[FrameFeatures]:
-        block_features = self.extract_block_features(video, blocks)
+        """One backbone pass with autograd (an open backbone): q and k of a block become attention maps as
+        soon as the block has run."""
+        b, t = video.shape[:2]
+        found: dict[int, FrameFeatures] = {}
         with self._backbone_grad():
-            return [frame_features(f, with_attention) for f in block_features]
+            for index, block in self._backbone_steps(video.flatten(0, 1), blocks):
+                unflattened = BlockFeatures(*(x.float().unflatten(0, (b, t)) for x in block))
+                del block
+                found[index] = frame_features(unflattened, with_attention)
+                del unflattened
+        return [found[i] for i in blocks]
+
+    def _backbone_steps(
+        self, frames: torch.Tensor, blocks: Sequence[int]
+    ) -> Iterator[tuple[int, BlockFeatures]]:
+        """:meth:`CLIPVisionTransformer.iter_intermediates`, each step run in the backbone's dtype context
+        (and what the caller does between steps, such as the float32 attention maps, outside it)."""
+        steps = self.backbone.iter_intermediates(frames, blocks)
+        while True:
+            with self._backbone_context(frames.device):
+                item = next(steps, None)
+            if item is None:
+                return
+            yield item
+            del item
 
     def _backbone_grad_enabled(self) -> bool:
         return not self.frozen and torch.is_grad_enabled()
