@@ -476,6 +476,13 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2], help="frozen training batches")
     p.add_argument("--open-batch-size", type=int, default=1, help="batch of the open-backbone step")
     p.add_argument("--infer-batch-size", type=int, default=8, help="batch of the throughput measurement")
+    p.add_argument("--cached-batch-size", type=int, default=4, help="micro-batch of the cached-feature step")
+    p.add_argument(
+        "--epoch-batch-size",
+        type=int,
+        default=256,
+        help="clips per optimiser step in the cached-feature epoch",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median) after one warm-up")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
@@ -495,6 +502,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         train_batch_sizes=tuple(args.batch_sizes),
         open_batch_size=args.open_batch_size,
         infer_batch_size=args.infer_batch_size,
+        cached_batch_size=args.cached_batch_size,
+        epoch_batch_size=args.epoch_batch_size,
         repeats=args.repeats,
         device=args.device,
         threads=args.threads,
