@@ -198,3 +198,22 @@ def test_non_finite_loss_stops_or_skips_and_keeps_the_last_good_checkpoint(
     after = load_run(run_dir).model.trainable_state_dict()
     for key, value in good.items():
         assert torch.equal(after[key], value), key
+
+
+@pytest.mark.slow
+def test_compiled_feature_training_follows_the_eager_run(caches, dataset, tmp_path, capsys):
+    """`--compile` changes how the step runs, not what it computes (minutes of compilation: slow test).
+    Dropout off: compiled code draws its masks from another generator. Compared through the losses and
+    validation accuracy, not the weights: AdamW turns rounding noise in near-zero gradients (the key bias's is
+    exactly zero) into full-size steps of either sign."""
+    no_dropout = ("--set", "decoder.mlp_dropout=0", "--set", "decoder.head_dropout=0")
+    args = (*common(dataset), "--features", str(caches[0]), *no_dropout)
+    summaries = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        capsys.readouterr()
+        assert main(train_args(tmp_path / name, *args, *extra)) == 0
+        summaries[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    config = json.loads((tmp_path / "compiled" / "config.json").read_text())
+    assert config["run"]["train"]["compile"] is True
+    assert summaries["compiled"]["final_loss"] == pytest.approx(summaries["eager"]["final_loss"], rel=1e-4)
+    assert summaries["compiled"]["val"] == summaries["eager"]["val"]

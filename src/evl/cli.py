@@ -73,6 +73,13 @@ ABLATION_FLAGS = [
     ("--no-temporal-cross-attention", "decoder.temporal_cross_attention"),
     ("--no-flip", "data.flip"),
 ]
+SWITCH_FLAGS = [
+    (
+        "--compile",
+        "train.compile",
+        "torch.compile the training step (slow to start; see benchmarks/README.md)",
+    ),
+]
 
 
 def _dest(field: str) -> str:
@@ -100,6 +107,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument(
             flag, dest=_dest(field), action="store_const", const=False, help=f"set {field} to false"
         )
+    for flag, field, help_text in SWITCH_FLAGS:
+        p.add_argument(flag, dest=_dest(field), action="store_const", const=True, help=help_text)
     p.set_defaults(func=_cmd_train)
 
 
@@ -109,6 +118,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     flags = {field: getattr(args, _dest(field)) for _, field, _, _ in TRAIN_FLAGS}
     flags |= {field: getattr(args, _dest(field)) for _, field in ABLATION_FLAGS}
+    flags |= {field: getattr(args, _dest(field)) for _, field, _ in SWITCH_FLAGS}
     run = build_run_config(args.config, args.set, **flags)
     resume = None if args.resume == "none" else args.resume
     result = train(run, args.output_dir, resume=resume, device=args.device, progress=not args.quiet)

@@ -267,6 +267,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # a NaN/inf loss: stop (the last good checkpoint stays) | skip the update
     label_smoothing: float = 0.0  # X-CLIP and ViFi-CLIP train with 0.1
     betas: tuple[float, float] | None = None  # AdamW betas; None: the method's (EVL 0.999, X-CLIP/ViFi 0.98)
+    # torch.compile the training forward and backward: minutes of compilation first; on CUDA it can fuse the
+    # decoder's memory-bound passes, on CPU it measured slower (benchmarks/README.md), so off by default.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.batch_split < 1:

@@ -269,6 +269,8 @@ def _train(
     step_model: torch.nn.Module = model
     if env.enabled:
         step_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if cfg.compile:
+        step_model = torch.compile(step_model)  # checkpoints keep saving ``model`` itself
 
     dataset, collate = training_data(run, model, classes, train_entries, train_cache)
     micro_batch = cfg.batch_size // (cfg.batch_split * env.world_size)
