@@ -18,6 +18,11 @@ def test_cached_epoch_shares_the_optimiser_step_over_the_epoch_batch():
     assert epoch["speedup"] == pytest.approx(2.0 / 0.11)
     without_loader = cached_epoch(bench, {"seconds": 1.5}, cached, None)
     assert without_loader["decode_s_per_clip"] == 0 and without_loader["speedup"] == pytest.approx(1.5 / 0.11)
+    assert "speedup_vs_training_from_videos" not in without_loader
+    frozen = {"batch1": {"batch": 1, "step_s": 1.7}, "batch2": {"batch": 2, "step_s": 3.0}}
+    with_steps = cached_epoch(bench, {"seconds": 1.5}, cached, {"seconds_per_clip": 0.5}, frozen)
+    assert with_steps["training_from_videos_s_per_clip"] == pytest.approx(0.5 + 1.5)
+    assert with_steps["speedup_vs_training_from_videos"] == pytest.approx(2.0 / 0.11)
     assert cached_epoch(bench, {"error": "RuntimeError: x"}, cached, None) is None
 
 
@@ -47,6 +52,7 @@ def test_bench_report_of_a_tiny_model(tmp_path, capsys):
     epoch = report["cached_epoch"]
     assert epoch["features_s_per_clip"] == report["features"]["seconds"]
     assert epoch["speedup"] == pytest.approx(epoch["features_s_per_clip"] / epoch["cached_s_per_clip"])
+    assert epoch["training_from_videos_s_per_clip"] == pytest.approx(frozen["step_s"])
 
 
 def test_bench_reports_an_unknown_preset_in_one_line(capsys):

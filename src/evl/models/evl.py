@@ -115,7 +115,12 @@ class _TemporalResidual(torch.autograd.Function):
             per_tap = []
             for tap in range(taps.shape[1]):
                 out, read = _tap_slices(t, tap - centre)
-                per_tap.append((grad[:, out] * x[:, read]).sum(dim=(0, 1, 2)))
+                # Products summed over clips first, one clip at a time: a clip-sized temporary that stays
+                # in cache instead of a batch-sized one written out and read back.
+                products = grad[0, out] * x[0, read]
+                for clip in range(1, x.shape[0]):
+                    products.addcmul_(grad[clip, out], x[clip, read])
+                per_tap.append(products.sum(dim=(0, 1)))
             grad_weight = torch.stack(per_tap, dim=-1).unsqueeze(1)  # [C, 1, K]
         if needs_x:
             grad_x = grad * (taps[:, centre] + 1)
