@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 from evl.cli import main as evl
-from evl.demo import NUM_FRAMES, SIZE, TRAIN_PER_CLASS, VAL_PER_CLASS, write_flip_map
+from evl.demo import make_demo_dataset, write_flip_map
 from evl.models.registry import clip_state_dict, create_clip
-from evl.synth import make_dataset
 
 METHODS = ("evl", "vifi", "xclip", "zeroshot")
 # Each method's own learning rate for a model trained from random weights (all else is shared):
@@ -110,16 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     clip = write_clip(out / "clip_random_t16_112.safetensors")
     results = []
     for task in args.tasks:
-        data = make_dataset(
-            out / task / "data",
-            task=task,
-            num_train_per_class=TRAIN_PER_CLASS,
-            num_val_per_class=VAL_PER_CLASS,
-            num_frames=NUM_FRAMES,
-            size=SIZE,
-            workers=2,
-            progress=False,
-        )
+        data = make_demo_dataset(out / task / "data", task=task, progress=False)
         flip_map = write_flip_map(out / task / "data" / "flip_label_map.json", task)
         for method in args.methods:
             result = run_method(method, out, data, flip_map, clip, args.steps)

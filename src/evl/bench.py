@@ -112,6 +112,14 @@ def _video(batch: int, config: ModelConfig, device: torch.device) -> torch.Tenso
     return torch.randn(batch, config.decoder.num_frames, 3, size, size, device=device)
 
 
+def _eval_model_and_video(
+    bench: BenchConfig, device: torch.device, batch: int
+) -> tuple[ModelConfig, EVL, torch.Tensor]:
+    """The configured model (frozen backbone) in eval mode on ``device`` and a random video batch."""
+    config = bench.model_config()
+    return config, EVL(config).to(device).eval(), _video(batch, config, device)
+
+
 # -------------------------------------------------------------------------------------- measurements
 # Each runs in its own process and returns a dict of plain numbers.
 
@@ -152,9 +160,7 @@ def measure_train_step(
 
 def measure_inference(bench: BenchConfig, device: torch.device, batch: int) -> dict[str, float]:
 
-    config = bench.model_config()
-    model = EVL(config).to(device).eval()
-    video = _video(batch, config, device)
+    _, model, video = _eval_model_and_video(bench, device, batch)
 
     def forward() -> None:
         with torch.inference_mode(), autocast_for("auto", device):
@@ -171,9 +177,7 @@ def measure_inference(bench: BenchConfig, device: torch.device, batch: int) -> d
 
 def measure_backbone(bench: BenchConfig, device: torch.device) -> dict[str, float]:
 
-    config = bench.model_config()
-    model = EVL(config).to(device).eval()
-    video = _video(1, config, device)
+    config, model, video = _eval_model_and_video(bench, device, 1)
 
     def forward() -> None:
         with torch.inference_mode():
@@ -193,9 +197,7 @@ def measure_features(bench: BenchConfig, device: torch.device) -> dict[str, floa
     """What a feature cache stores, computed from frames: the requested blocks' outputs and the adjacent-frame
     attention maps of one clip (the backbone plus the maps), as on-the-fly training computes them."""
 
-    config = bench.model_config()
-    model = EVL(config).to(device).eval()
-    video = _video(1, config, device)
+    config, model, video = _eval_model_and_video(bench, device, 1)
 
     def forward() -> None:
         with torch.inference_mode():

@@ -16,7 +16,7 @@ from evl.engine.evaluate import evaluate, write_evaluation
 from evl.engine.run import load_run
 from evl.engine.train import train
 from evl.recipes import build_run_config
-from evl.synth import class_names, flip_label_map, make_dataset
+from evl.synth import SynthDataset, class_names, flip_label_map, make_dataset
 from evl.video.lists import read_list, resolve_path
 
 DEMO_RECIPE = "demo_synth"
@@ -34,12 +34,12 @@ def write_flip_map(path: Path, task: str = "motion") -> Path:
     return path
 
 
-def run_demo(out_dir: Path, steps: int | None = None, progress: bool = True) -> dict:
-    start = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = make_dataset(
-        out_dir / "data",
-        task="motion",
+def make_demo_dataset(root: Path, task: str = "motion", progress: bool = True) -> SynthDataset:
+    """The demo's synthetic videos (``task``: motion or shapes) under ``root``: its class counts, frames and
+    size, so that other runs on "the demo's data" see exactly the same videos."""
+    return make_dataset(
+        root,
+        task=task,
         num_train_per_class=TRAIN_PER_CLASS,
         num_val_per_class=VAL_PER_CLASS,
         num_frames=NUM_FRAMES,
@@ -47,6 +47,12 @@ def run_demo(out_dir: Path, steps: int | None = None, progress: bool = True) -> 
         workers=2,
         progress=progress,
     )
+
+
+def run_demo(out_dir: Path, steps: int | None = None, progress: bool = True) -> dict:
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dataset = make_demo_dataset(out_dir / "data", progress=progress)
     flags = {
         "data.data_root": str(dataset.root),
         "data.train_list": str(dataset.train_list),
