@@ -524,31 +524,38 @@ class _AttendNormalizedMemory(torch.autograd.Function):
     def forward(ctx, keys, bias, memory, weight, norm_bias, eps):
         normed, mean, rstd = torch.native_layer_norm(memory, (memory.shape[-1],), weight, norm_bias, eps)
         attn = (keys @ normed.mT + bias).softmax(dim=-1)  # [B, Q, Lm]
-        ctx.save_for_backward(keys, attn, memory, weight, norm_bias, mean, rstd)
+        out = attn @ normed
+        ctx.save_for_backward(keys, attn, memory, weight, norm_bias, mean, rstd, out)
         ctx.eps = eps
-        return attn @ normed
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        keys, attn, memory, weight, norm_bias, mean, rstd = ctx.saved_tensors
+        keys, attn, memory, weight, norm_bias, mean, rstd, out = ctx.saved_tensors
         need_keys, need_bias, need_memory, need_weight, need_norm_bias, _ = ctx.needs_input_grad
         pieces = _MemoryPieces(memory, weight, norm_bias, ctx.eps)
+        # One pass renormalising the memory: the attention's gradient and, as
+        # grad_scores @ m = (attn * grad_attn) @ m - row_sum * (attn @ m), the keys' gradient.
         grad_attn = torch.empty_like(attn)
-        for i, span in pieces:
-            grad_attn[i, :, span] = grad[i] @ pieces.normalized(i, span).T
-        grad_scores = _softmax_backward(attn, grad_attn)
-        del grad_attn
         grad_keys = torch.zeros_like(keys) if need_keys else None
+        for i, span in pieces:
+            normed = pieces.normalized(i, span)
+            grad_attn[i, :, span] = grad[i] @ normed.T
+            if need_keys:
+                grad_keys[i].addmm_(attn[i, :, span] * grad_attn[i, :, span], normed)
+        row_sum = (grad_attn * attn).sum(dim=-1, keepdim=True)
+        grad_scores = attn * (grad_attn - row_sum)
+        del grad_attn
+        if need_keys:
+            grad_keys.sub_(row_sum * out)
         grad_memory = torch.empty_like(memory) if need_memory else None
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_norm_bias = torch.zeros_like(norm_bias) if need_norm_bias else None
         factors, values = torch.cat([grad_scores, attn], dim=1), torch.cat([keys, grad], dim=1)
         mask = [need_memory, need_weight, need_norm_bias]
         for i, span in pieces:
-            if need_keys:
-                grad_keys[i].addmm_(grad_scores[i, :, span], pieces.normalized(i, span))
             if not any(mask):
-                continue
+                break
             grad_normed = factors[i, :, span].T @ values[i]  # [piece, C]
             stats = mean[i, span], rstd[i, span]
             piece_grads = torch.ops.aten.native_layer_norm_backward(
