@@ -198,6 +198,7 @@ def random_maps(*lead, patches, generator):
     "grid,groups,lead",
     [
         ((3, 5), (1, 1), (4,)),
+        ((3, 5), (1, 1), (2, 3)),  # one query per group: bins are views of the reversed maps
         ((3, 5), (1, 5), (2, 3)),  # whole rows: the table itself, no column copies
         ((3, 5), (3, 1), (3,)),
         ((3, 5), (3, 5), (2,)),  # one group: every offset bin
@@ -225,25 +226,28 @@ def test_query_groups_are_the_narrowest_that_fill_a_matmul():
         assert rows == 1 and w % cols == 0 and (n * cols >= MIN_GROUP_ROWS or cols == w)
 
 
-def test_cross_frame_terms_added_in_place_equal_the_module_output_with_gradients():
+# 2 clips x 3 frame pairs: whole-row query groups; 4 x 6 = 24 maps: one query per group
+@pytest.mark.parametrize("clips,frames", [(2, 4), (4, 7)])
+def test_cross_frame_terms_added_in_place_equal_the_module_output_with_gradients(clips, frames):
     g = torch.Generator().manual_seed(0)
     module = TemporalCrossAttention(6, 3, 5)
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
-    y = torch.randn(2, 4, 16, 6, generator=g, requires_grad=True)
-    attn = random_maps(2, 2, 3, patches=15, generator=g).requires_grad_()
+    y = torch.randn(clips, frames, 16, 6, generator=g, requires_grad=True)
+    attn = random_maps(clips, 2, frames - 1, patches=15, generator=g).requires_grad_()
     fast = module.add_to(y * 1, attn)  # y * 1: a tensor of the caller's own, as the decoder passes
-    slow = y + module(attn, 4)
+    slow = y + module(attn, frames)
     assert torch.count_nonzero(slow[:, :, 0] - y[:, :, 0]) == 0  # CLS receives nothing
     inputs = (y, attn, module.w_prev, module.w_next)
     assert_same_outputs_and_grads(fast, slow, inputs, ["y", "attn", "w_prev", "w_next"])
 
 
+@pytest.mark.parametrize("kernel", [3, 5])
 @pytest.mark.parametrize("conv,pos", [(True, True), (True, False), (False, True), (False, False)])
-def test_temporal_residual_equals_conv_plus_embedding_with_gradients(conv, pos):
+def test_temporal_residual_equals_conv_plus_embedding_with_gradients(conv, pos, kernel):
     g = torch.Generator().manual_seed(0)
-    conv_module = TemporalConv(6) if conv else None
+    conv_module = TemporalConv(6, kernel) if conv else None
     pos_module = TemporalPosEmbed(5, 6) if pos else None
     params = [p for m in (conv_module, pos_module) if m is not None for p in m.parameters()]
     with torch.no_grad():

@@ -104,24 +104,15 @@ class _TemporalResidual(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         needs_x, needs_weight, needs_bias, needs_embed = ctx.needs_input_grad
         grad_x = grad_weight = grad_bias = grad_embed = None
-        if needs_bias or needs_embed:
-            per_frame = grad.sum(dim=(0, 2))  # [T, C]
+        num_taps = 0 if weight is None or not needs_weight else weight.shape[-1]
+        if needs_bias or needs_embed or num_taps:
+            per_tap, per_frame = _tap_and_frame_sums(grad, x, num_taps)
+            grad_weight = per_tap.T.unsqueeze(1) if num_taps else None  # [C, 1, K]
             grad_bias = per_frame.sum(0) if needs_bias else None
             grad_embed = per_frame if needs_embed else None
         if weight is None:
             return grad if needs_x else None, None, grad_bias, grad_embed
         t, (taps, centre) = x.shape[1], (weight[:, 0], weight.shape[-1] // 2)
-        if needs_weight:
-            per_tap = []
-            for tap in range(taps.shape[1]):
-                out, read = _tap_slices(t, tap - centre)
-                # Products summed over clips first, one clip at a time: a clip-sized temporary that stays
-                # in cache instead of a batch-sized one written out and read back.
-                products = grad[0, out] * x[0, read]
-                for clip in range(1, x.shape[0]):
-                    products.addcmul_(grad[clip, out], x[clip, read])
-                per_tap.append(products.sum(dim=(0, 1)))
-            grad_weight = torch.stack(per_tap, dim=-1).unsqueeze(1)  # [C, 1, K]
         if needs_x:
             grad_x = grad * (taps[:, centre] + 1)
             for tap in range(taps.shape[1]):
@@ -129,6 +120,28 @@ class _TemporalResidual(torch.autograd.Function):
                     out, read = _tap_slices(t, tap - centre)
                     grad_x[:, read].addcmul_(grad[:, out], taps[:, tap])
         return grad_x, grad_weight, grad_bias, grad_embed
+
+
+def _tap_and_frame_sums(
+    grad: torch.Tensor, x: torch.Tensor, num_taps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad, x [B, T, L, C] -> (sum of grad[:, t] * x[:, t + tap - K//2] over clips, frames and tokens for
+    each of the K taps, [K, C]; sum of grad over clips and tokens, [T, C]).
+
+    Frame by frame into a [K, L, C] accumulator: each clip is read once while it is in cache, and no
+    [B, T, L, C] product is written out and read back.
+    """
+    b, t, length, c = x.shape
+    per_tap = grad.new_zeros(num_taps, length, c)
+    per_frame = grad.new_zeros(t, c)
+    for clip in range(b):
+        per_frame += grad[clip].sum(dim=1)
+        for frame in range(t):
+            for tap in range(num_taps):
+                source = frame + tap - num_taps // 2
+                if 0 <= source < t:
+                    per_tap[tap].addcmul_(grad[clip, frame], x[clip, source])
+    return per_tap.sum(dim=1), per_frame
 
 
 def temporal_residual(
@@ -228,9 +241,26 @@ class RelativeAggregation(NamedTuple):
         x = x.view(*x.shape[:-2], gy, self.group_h, gx, self.group_w, x.shape[-1])
         return x.permute(k + 2, k, *range(k), k + 1, k + 3, k + 4)
 
-    def bins(self, attn_column: torch.Tensor) -> torch.Tensor:
-        """One column of groups of :meth:`grouped` attn, [Gy, *lead, sy, sx, P] -> [Gy, M, window]
-        (M = N*sy*sx rows): each attention row scattered into its group's window of offsets."""
+    @property
+    def single_query_groups(self) -> bool:
+        return self.group_h == self.group_w == 1
+
+    def prepare(self, attn: torch.Tensor) -> torch.Tensor:
+        """attn [*lead, P, P] -> the maps as :meth:`bins` reads them. With one query per group, its window of
+        offsets is its keys in reverse order (offset = query - key), so the maps with every row reversed,
+        contiguous, hold all bins already; otherwise attn itself."""
+        if not self.single_query_groups:
+            return attn
+        return torch.empty(attn.shape, dtype=attn.dtype, device=attn.device).copy_(attn.flip(-1))
+
+    def bins(self, maps: torch.Tensor, column: int) -> torch.Tensor:
+        """Column ``column`` of groups, from :meth:`prepare`'s maps [*lead, P, P] -> [Gy, M, window]
+        (M = N*sy*sx rows): each attention row in its group's window of offsets (a view for one-query
+        groups, else scattered)."""
+        if self.single_query_groups:
+            rows = maps.view(-1, self.grid_h, self.grid_w, maps.shape[-1])[:, :, column]  # [N, Gy, P]
+            return rows.transpose(0, 1)
+        attn_column = self.grouped(maps)[column]  # [Gy, *lead, sy, sx, P]
         index = _window_index(*self).to(attn_column.device).expand(attn_column.shape)
         bins = attn_column.new_zeros(*attn_column.shape[:-1], self.window[0] * self.window[1])
         bins.scatter_(-1, index, attn_column)
@@ -252,21 +282,23 @@ class RelativeAggregation(NamedTuple):
             (self.group_h * row, table.stride(1), 1),
         )
 
-    def add_to(self, out: torch.Tensor, attn: torch.Tensor, weight: torch.Tensor) -> None:
-        """out [*lead, P, C] += the aggregation of attn [*lead, P, P] (in place, no autograd)."""
-        grouped_out, grouped_attn = self.grouped(out), self.grouped(attn)
+    def add_to(self, out: torch.Tensor, maps: torch.Tensor, weight: torch.Tensor) -> None:
+        """out [*lead, P, C] += the aggregation of the maps [*lead, P, P] (from :meth:`prepare`; in place, no
+        autograd)."""
+        grouped_out = self.grouped(out)
         for column in range(self.num_groups[1]):  # one column of groups at a time: small temporaries
-            products = torch.bmm(self.bins(grouped_attn[column]), self.windows(self.table(weight, column)))
+            products = torch.bmm(self.bins(maps, column), self.windows(self.table(weight, column)))
             grouped_out[column].add_(products.view(grouped_out[column].shape))
 
-    def weight_grad(self, attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """d out / d weight: [R, C], from attn [*lead, P, P] and the output gradient [*lead, P, C]."""
+    def weight_grad(self, maps: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """d out / d weight: [R, C], from the maps [*lead, P, P] (from :meth:`prepare`) and the output
+        gradient [*lead, P, C]."""
         (gy, gx), (wh, ww), c = self.num_groups, self.window, grad.shape[-1]
-        grouped_attn, grouped_grad = self.grouped(attn), self.grouped(grad)
+        grouped_grad = self.grouped(grad)
         table = grad.new_empty(2 * self.grid_h - 1, ww, c)  # one column of groups' part, reused
         weight = grad.new_zeros(2 * self.grid_h - 1, 2 * self.grid_w - 1, c) if gx > 1 else table
         for column in range(gx):
-            bins, rows = self.bins(grouped_attn[column]), _rows(grouped_grad[column])
+            bins, rows = self.bins(maps, column), _rows(grouped_grad[column])
             table.zero_()
             for group in range(gy):
                 start = group * self.group_h
@@ -298,17 +330,18 @@ def _rows(grouped: torch.Tensor) -> torch.Tensor:
 class _AggregateRelative(torch.autograd.Function):
     @staticmethod
     def forward(ctx, attn, weight, aggregation):
-        ctx.save_for_backward(attn, weight)
+        maps = aggregation.prepare(attn)
+        ctx.save_for_backward(maps, weight)
         ctx.aggregation = aggregation
         out = attn.new_zeros(*attn.shape[:-1], weight.shape[-1])
-        aggregation.add_to(out, attn, weight)
+        aggregation.add_to(out, maps, weight)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        attn, weight = ctx.saved_tensors
+        maps, weight = ctx.saved_tensors
         grad_attn = ctx.aggregation.attn_grad(weight, grad) if ctx.needs_input_grad[0] else None
-        grad_weight = ctx.aggregation.weight_grad(attn, grad) if ctx.needs_input_grad[1] else None
+        grad_weight = ctx.aggregation.weight_grad(maps, grad) if ctx.needs_input_grad[1] else None
         return grad_attn, grad_weight, None
 
 
@@ -389,16 +422,17 @@ class _AddCrossFrameTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, attn, w_prev, w_next, aggregation):
+        maps = aggregation.prepare(attn.transpose(0, 1))  # direction first: each direction's maps contiguous
         for direction, weight in enumerate((w_prev, w_next)):
-            aggregation.add_to(_receiving_patches(y, direction), attn[:, direction], weight)
+            aggregation.add_to(_receiving_patches(y, direction), maps[direction], weight)
         ctx.mark_dirty(y)
-        ctx.save_for_backward(attn, w_prev, w_next)
+        ctx.save_for_backward(maps, w_prev, w_next)
         ctx.aggregation = aggregation
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        attn, *weights = ctx.saved_tensors
+        maps, *weights = ctx.saved_tensors
         aggregation: RelativeAggregation = ctx.aggregation
         grad_attn, grad_weights = [], []
         for direction, weight in enumerate(weights):
@@ -406,7 +440,7 @@ class _AddCrossFrameTerms(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_attn.append(aggregation.attn_grad(weight, received))
             needed = ctx.needs_input_grad[2 + direction]
-            grad_weights.append(aggregation.weight_grad(attn[:, direction], received) if needed else None)
+            grad_weights.append(aggregation.weight_grad(maps[direction], received) if needed else None)
         return grad, torch.stack(grad_attn, dim=1) if grad_attn else None, *grad_weights, None
 
 
