@@ -79,6 +79,16 @@ def test_cache_layout_and_size(caches, dataset):
     assert [p for p, _ in cache.entries()] == [e.path for e in read_list(dataset.train_list)]
 
 
+def test_rows_read_are_the_stored_rows_and_writing_to_them_never_reaches_the_file(caches):
+    stored = np.load(caches[0] / "block5.out.npy", mmap_mode="r")[2].copy()
+    out, attn = FeatureCache.open(caches[0]).read(2, (5,))[0]
+    assert out.dtype == torch.float16 and attn.shape == (2, 3, 49, 49)
+    np.testing.assert_array_equal(out.numpy(), stored)
+    out.fill_(7)  # a reader's row is its own: the cache on disk keeps its values
+    reread, _ = FeatureCache.open(caches[0]).read(2, (5,))[0]
+    np.testing.assert_array_equal(reread.numpy(), stored)
+
+
 def test_cached_features_give_the_logits_of_the_videos(caches, dataset, tmp_path):
     run_dir = tmp_path / "run"
     assert main(train_args(run_dir, *common(dataset), "--features", str(caches[0]))) == 0

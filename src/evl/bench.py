@@ -10,6 +10,7 @@ hardware does (two per multiply-add) for the achieved-GFLOP/s figures.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import multiprocessing as mp
 import platform
 import queue as queue_module
@@ -38,7 +39,7 @@ from evl.engine.features import (
 from evl.engine.optim import build_optimizer
 from evl.engine.train import autocast_for
 from evl.flops import count_flops
-from evl.models.evl import EVL
+from evl.models.evl import EVL, FrameFeatures
 from evl.runtime import tune_cpu_allocator
 from evl.synth import make_dataset
 from evl.video.dataset import StreamSampler, TrainClips, collate_train
@@ -193,32 +194,32 @@ def measure_backbone(bench: BenchConfig, device: torch.device) -> dict[str, floa
     }
 
 
-def measure_features(bench: BenchConfig, device: torch.device) -> dict[str, float]:
-    """What a feature cache stores, computed from frames: the requested blocks' outputs and the adjacent-frame
-    attention maps of one clip (the backbone plus the maps), as on-the-fly training computes them."""
-
-    config, model, video = _eval_model_and_video(bench, device, 1)
-
-    def forward() -> None:
-        with torch.inference_mode():
-            model.extract_features(video, with_attention=True)
-
-    return {"frames": config.decoder.num_frames, "seconds": _median_time(forward, bench.repeats, device)}
+CACHED_ROUNDS = 5
+CACHED_STEPS_PER_ROUND = 4  # the first of a round is not timed: the extraction before it evicted the caches
+CACHED_CACHE_ROWS_PER_CLIP = 2  # rows in the cache per clip of the micro-batch: every step reads other rows
 
 
-CACHED_STEP_WARMUP = 3
-CACHED_STEP_REPEATS = 10
+def measure_cached_step(bench: BenchConfig, device: torch.device, batch: int) -> dict[str, Any]:
+    """What a feature cache saves and what training on it costs, in alternating rounds in one process.
 
-
-def measure_cached_step(bench: BenchConfig, device: torch.device, batch: int) -> dict[str, float]:
-    """A decoder training step fed from a real float16 memory-mapped cache (rows read every step): the
-    reading, forward and backward of one micro-batch, and the optimiser step, timed apart."""
-
+    Each round extracts one clip's features from frames (the backbone plus the cross-frame maps, as
+    on-the-fly training computes them), then runs decoder training steps fed from a real float16
+    memory-mapped cache: rows read every step, forward and backward of one micro-batch (gradients
+    accumulating, as over the micro-batches of an optimiser step), and the optimiser step, timed apart.
+    A shared machine's speed drifts (by 20% over tens of seconds on the 2-core reference machine), so
+    the two sides of the cached-epoch speedup are measured side by side and each round gives its ratio.
+    """
     config = bench.model_config()
     model = EVL(config).to(device).train()
     model.decoder.checkpoint_memory = False  # as `evl train --features` runs it
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)
-    num_rows = 2 * batch
+    video = _video(1, config, device)
+
+    def extract() -> list[FrameFeatures]:
+        with torch.no_grad():
+            return model.extract_features(video, with_attention=True)
+
+    num_rows = CACHED_CACHE_ROWS_PER_CLIP * batch
     with tempfile.TemporaryDirectory() as tmp:
         meta = CacheMeta(
             backbone=dataclasses.asdict(config.backbone), backbone_name=config.backbone_name,
@@ -227,21 +228,20 @@ def measure_cached_step(bench: BenchConfig, device: torch.device, batch: int) ->
             num_videos=num_rows,
         )  # fmt: skip
         entries = [VideoEntry(f"v{i}.mp4", 0, i + 1) for i in range(num_rows)]
-        cache = FeatureCache.create_or_resume(tmp, meta, entries)
-        with torch.no_grad():
-            for i in range(num_rows):
-                cache.write([i], model.extract_features(_video(1, config, device), with_attention=True))
+        writer = FeatureCache.create_or_resume(tmp, meta, entries)
+        features = extract()  # real features; one clip's serve every row (their values do not matter)
+        for i in range(num_rows):
+            writer.write([i], features)
+        cache = FeatureCache.open(tmp)  # read as training reads it
         labels = torch.zeros(batch, dtype=torch.long, device=device)
-        rows = iter(range(10**9))
-        parts: dict[str, list[float]] = {"forward_backward_s": [], "optimizer_s": []}
+        rows = itertools.cycle(range(num_rows))
 
-        def step() -> None:
+        def step() -> tuple[float, float]:
             _sync(device)
             start = time.perf_counter()
-            items = [{"features": cache.read(next(rows) % num_rows, model.blocks), "label": 0, "index": 0}
+            items = [{"features": cache.read(next(rows), model.blocks), "label": 0, "index": 0}
                      for _ in range(batch)]  # fmt: skip
             features = to_frame_features(collate_cached(items)["features"], device)
-            optimizer.zero_grad(set_to_none=True)
             with autocast_for("auto", device):
                 logits = model.forward_head(features)
             F.cross_entropy(logits.float(), labels).backward()
@@ -249,22 +249,44 @@ def measure_cached_step(bench: BenchConfig, device: torch.device, batch: int) ->
             middle = time.perf_counter()
             optimizer.step()
             _sync(device)
-            parts["forward_backward_s"].append(middle - start)
-            parts["optimizer_s"].append(time.perf_counter() - middle)
+            return middle - start, time.perf_counter() - middle
 
-        # A step costs a fraction of a second and an epoch runs thousands: time the steady state, after
-        # the heap has grown to the step's working set (the first steps pay for its page faults).
-        repeats = max(bench.repeats, CACHED_STEP_REPEATS)
-        for _ in range(CACHED_STEP_WARMUP - 1):
+        def timed(fn: Callable[[], Any]) -> float:
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            return time.perf_counter() - start
+
+        extract()  # warm-up of both, then the rounds
+        for _ in range(CACHED_STEPS_PER_ROUND):
             step()
-        seconds = _median_time(step, repeats, device)
-        medians = {name: statistics.median(times[-repeats:]) for name, times in parts.items()}
-        return {
+        rounds = []
+        for _ in range(max(bench.repeats, CACHED_ROUNDS)):
+            extraction = timed(extract)
+            # Gradients accumulate over the micro-batches of an optimiser step, as in training: the
+            # untimed first step of a round makes them, the timed ones add to them.
+            optimizer.zero_grad(set_to_none=True)
+            steps = [step() for _ in range(CACHED_STEPS_PER_ROUND)][1:]
+            forward_backward, optimizer_s = (statistics.median(part) for part in zip(*steps, strict=True))
+            rounds.append({"features_s": extraction, "forward_backward_s": forward_backward,
+                           "optimizer_s": optimizer_s})  # fmt: skip
+    forward_backward = statistics.median(r["forward_backward_s"] for r in rounds)
+    optimizer_s = statistics.median(r["optimizer_s"] for r in rounds)
+    return {
+        "features": {
+            "frames": config.decoder.num_frames,
+            "seconds": statistics.median(r["features_s"] for r in rounds),
+        },
+        "cached_step": {
             "batch": batch,
-            "step_s": seconds,
-            **medians,
+            "step_s": forward_backward + optimizer_s,
+            "forward_backward_s": forward_backward,
+            "optimizer_s": optimizer_s,
             "mib_per_clip": cache_bytes_per_clip(meta) / 2**20,
-        }
+        },
+        "rounds": rounds,
+    }
 
 
 def measure_dataloader(bench: BenchConfig, device: torch.device) -> dict[str, float]:
@@ -308,7 +330,6 @@ MEASUREMENTS: dict[str, Callable[..., dict[str, Any]]] = {
     "train_step": measure_train_step,
     "inference": measure_inference,
     "backbone": measure_backbone,
-    "features": measure_features,
     "cached_step": measure_cached_step,
     "dataloader": measure_dataloader,
 }
@@ -371,10 +392,17 @@ def run_bench(bench: BenchConfig, log: Callable[[str], None] = print) -> dict[st
         report["frozen_open_step_ratio"] = same_batch["step_s"] / open_step["step_s"]
     measure("inference_latency", "inference", batch=1)
     measure("inference_throughput", "inference", batch=bench.infer_batch_size)
-    features = measure("features", "features")
-    cached = measure("cached_step", "cached_step", batch=bench.cached_batch_size)
+    features = cached = rounds = None
+    if not {"features", "cached_step"} & set(bench.skip):
+        log("bench: features and cached_step ...")
+        paired = run_isolated("cached_step", bench, batch=bench.cached_batch_size)
+        if "error" in paired:
+            report["features"] = report["cached_step"] = paired
+        else:
+            features, cached, rounds = paired["features"], paired["cached_step"], paired["rounds"]
+            report["features"], report["cached_step"] = features, cached
     loader = measure("dataloader", "dataloader") if bench.dataloader else None
-    epoch = cached_epoch(bench, features, cached, loader, frozen)
+    epoch = cached_epoch(bench, features, cached, loader, frozen, rounds)
     if epoch:
         report["cached_epoch"] = epoch
     return report
@@ -386,28 +414,39 @@ def cached_epoch(
     cached: dict[str, Any] | None,
     loader: dict[str, Any] | None,
     frozen: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, float] | None:
+    rounds: list[dict[str, float]] | None = None,
+) -> dict[str, Any] | None:
     """Seconds per clip of an epoch trained from cached features, against the decoding and feature
     extraction that the cache saves (``speedup``) and, given the frozen training steps, against a whole
     epoch trained from videos (decoding plus the frozen step per clip at the largest measured batch:
     ``speedup_vs_training_from_videos``).
 
     A cached epoch reads and steps ``cached_batch_size`` clips at a time and runs the optimiser once per
-    ``epoch_batch_size`` clips; with no data-loader figure the decoding is left out (a lower bound).
+    ``epoch_batch_size`` clips; with no data-loader figure the decoding is left out (a lower bound). Given
+    the rounds of :func:`measure_cached_step` (extraction and cached steps measured side by side), the
+    speedup is the median of the rounds' own ratios (their range as well); otherwise the ratio of medians.
     """
     if not features or not cached or "error" in features or "error" in cached:
         return None
-    cached_per_clip = (
-        cached["forward_backward_s"] / cached["batch"] + cached["optimizer_s"] / bench.epoch_batch_size
-    )
+    batch = cached["batch"]
+
+    def per_clip(forward_backward: float, optimizer_s: float) -> float:
+        return forward_backward / batch + optimizer_s / bench.epoch_batch_size
+
+    cached_per_clip = per_clip(cached["forward_backward_s"], cached["optimizer_s"])
     decoding = loader["seconds_per_clip"] if loader and "error" not in loader else 0.0
-    saved_per_clip = features["seconds"] + decoding
-    epoch = {
+    epoch: dict[str, Any] = {
         "cached_s_per_clip": cached_per_clip,
         "decode_s_per_clip": decoding,
         "features_s_per_clip": features["seconds"],
-        "speedup": saved_per_clip / cached_per_clip,
+        "speedup": (features["seconds"] + decoding) / cached_per_clip,
     }
+    if rounds:
+        ratios = [
+            (r["features_s"] + decoding) / per_clip(r["forward_backward_s"], r["optimizer_s"]) for r in rounds
+        ]
+        epoch["speedup"] = statistics.median(ratios)
+        epoch["speedup_range"] = [min(ratios), max(ratios)]
     steps = [step for step in (frozen or {}).values() if "error" not in step]
     if steps:
         largest = max(steps, key=lambda step: step["batch"])

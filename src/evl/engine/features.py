@@ -149,7 +149,9 @@ class FeatureCache:
             path = self.root / name
             if not path.is_file():
                 raise FeatureCacheError(f"{path}: missing from the feature cache")
-            self._arrays[name] = np.load(path, mmap_mode=self.mode)
+            # Readers map copy-on-write: rows can then be handed out as tensors without a copy (torch
+            # refuses read-only memory), and nothing a reader does reaches the file.
+            self._arrays[name] = np.load(path, mmap_mode="c" if self.mode == "r" else self.mode)
         return self._arrays[name]
 
     def status(self) -> np.ndarray:
@@ -178,14 +180,20 @@ class FeatureCache:
         status.flush()
 
     def read(self, index: int, blocks: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Row ``index``: per requested block (out [T, L, C], attn [2, T-1, P, P] or None), float16."""
+        """Row ``index``: per requested block (out [T, L, C], attn [2, T-1, P, P] or None), float16 (for a
+        cache opened to read, copy-on-write views of the mapped files: batching copies them once)."""
         t = self.meta.num_frames
         rows = []
         for block in blocks:
-            out = torch.from_numpy(np.array(self._array(f"block{block}.out.npy")[index]))
-            attn = torch.from_numpy(np.array(self._array(f"block{block}.attn.npy")[index])) if t > 1 else None
+            out = self._row(f"block{block}.out.npy", index)
+            attn = self._row(f"block{block}.attn.npy", index) if t > 1 else None
             rows.append((out, attn))
         return rows
+
+    def _row(self, name: str, index: int) -> torch.Tensor:
+        row = self._array(name)[index]
+        # A writer's mapping reaches the file: hand out a copy there, a view of the private mapping otherwise.
+        return torch.from_numpy(np.array(row) if self.mode != "r" else row)
 
     # ------------------------------------------------------------------------------------------- checks
     def check_model(self, model: EVL, fingerprint: str | None = None) -> None:
