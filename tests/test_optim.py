@@ -12,6 +12,7 @@ from torch import nn
 
 from evl.engine.optim import (
     CosineSchedule,
+    allocate_adamw_state,
     build_optimizer,
     build_scheduler,
     lr_at,
@@ -162,3 +163,35 @@ def test_fused_adamw_needs_floating_parameters_on_a_supported_device():
     assert not fused_adamw_supported([])
     assert not fused_adamw_supported([torch.zeros(3, dtype=torch.long)])
     assert not fused_adamw_supported([torch.zeros(3, device="meta")])
+
+
+@pytest.mark.parametrize("decay_all", [False, True])
+def test_allocated_adamw_state_leaves_the_trajectory_exactly_as_a_fresh_optimiser(decay_all):
+    torch.manual_seed(0)
+    model = TinyHead()
+    twin = copy.deepcopy(model)
+    fresh = build_optimizer(model, lr=1e-2, weight_decay=0.05, decay_all=decay_all)
+    early = build_optimizer(twin, lr=1e-2, weight_decay=0.05, decay_all=decay_all)
+    schedules = [build_scheduler(o, total_steps=10, warmup_steps=2) for o in (fresh, early)]
+    allocate_adamw_state(early)
+    trainable = [p for p in twin.parameters() if p.requires_grad]
+    assert len(early.state) == len(trainable) and all(p.grad is None for p in trainable)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+    assert [g["lr"] for g in early.param_groups] == [g["lr"] for g in fresh.param_groups]
+    data = torch.randn(4, 3, 5)
+    for _ in range(3):
+        for net, optimizer in ((model, fresh), (twin, early)):
+            optimizer.zero_grad(set_to_none=True)
+            x = net.conv(data.transpose(1, 2)).transpose(1, 2) + net.query
+            x = x + net.temporal_pos_embed[0] + 2 * net.temporal_pos_embed[1]
+            net.new(net.fc(net.norm(x))).square().mean().backward()
+            optimizer.step()
+        for schedule in schedules:
+            schedule.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for p, q in zip(trainable, [p for p in model.parameters() if p.requires_grad], strict=True):
+        assert torch.equal(early.state[p]["exp_avg"], fresh.state[q]["exp_avg"])
+        assert float(early.state[p]["step"]) == float(fresh.state[q]["step"]) == 3
+    allocate_adamw_state(early)  # an optimiser with state is left alone
+    assert float(next(iter(early.state.values()))["step"]) == 3

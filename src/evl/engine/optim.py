@@ -124,6 +124,38 @@ def adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, fused=fused_adamw_supported(params), **kwargs)
 
 
+def allocate_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create an AdamW optimiser's moments now, exactly as its first step would leave a fresh optimiser.
+
+    torch creates them lazily, inside the first step: in CPU memory that the first forward and backward
+    have just freed, so the next step's activations have to go above them (about 30 MB more peak memory
+    for the frozen ViT-B/16 decoder at batch 2). One step at learning rate 0 on zero gradients creates
+    them without changing a parameter (AdamW's moments of zero gradients are zero); its step count is then
+    reset, so training goes on exactly as from a fresh optimiser. No-op for an optimiser that has state
+    (a resumed one) or is not AdamW.
+    """
+    if not isinstance(optimizer, torch.optim.AdamW) or optimizer.state:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is None]
+    learning_rates = [group["lr"] for group in optimizer.param_groups]
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    try:
+        optimizer.step()
+    finally:
+        for group, lr in zip(optimizer.param_groups, learning_rates, strict=True):
+            group["lr"] = lr
+        for param in params:
+            param.grad = None
+    for state in optimizer.state.values():
+        if torch.is_tensor(state["step"]):
+            state["step"].zero_()
+        else:
+            state["step"] = 0
+
+
 def lr_at(
     step: int,
     total_steps: int,

@@ -48,7 +48,7 @@ from evl.engine.features import (
     to_frame_features,
 )
 from evl.engine.methods import BACKBONE_FILE, build_method_optimizer, build_model, has_trainable_parameters
-from evl.engine.optim import build_scheduler
+from evl.engine.optim import allocate_adamw_state, build_scheduler
 from evl.engine.plots import plot_training_curves
 from evl.engine.run import pick_device, write_run_files
 from evl.engine.train_state import make_train_state, restore_train_state
@@ -262,6 +262,7 @@ def _train(
         print(f"resumed from {checkpoint.path} at step {start}")
     elif cfg.init_from:
         initialise_from(model, cfg.init_from)
+    allocate_adamw_state(optimizer)  # before the first activations (peak memory); a resumed one has it
     if start >= cfg.steps:
         print(f"{run_dir}: already trained for {start} steps")
         return TrainResult(run_dir, start, float("nan"), None)
@@ -322,6 +323,7 @@ def _train(
                 )
                 loss.backward()
             loss_sum += loss.detach().double().cpu()
+            del batch, inputs, logits, loss  # this micro-batch's memory is free before the next one
         loss_value = mean_over_processes(env, loss_sum)
         if not math.isfinite(loss_value):
             if cfg.on_nonfinite == "stop":
