@@ -2,8 +2,9 @@
 
 Every figure is measured in a fresh process (so peak memory belongs to that measurement alone) with random
 weights of the configured shapes: the training step with the backbone frozen and open, inference latency
-and throughput, the backbone alone against this machine's fp32 matmul rate, a training step on cached
-features read from a real memory-mapped cache, and the training data loader. FLOPs are counted as
+and throughput, the backbone alone against this machine's fp32 matmul rate, feature extraction and a
+training step on cached features read from a real memory-mapped cache (side by side, in alternating
+rounds), and the training data loader. FLOPs are counted as
 hardware does (two per multiply-add) for the achieved-GFLOP/s figures.
 """
 
