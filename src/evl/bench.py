@@ -205,7 +205,7 @@ def measure_backbone(bench: BenchConfig, device: torch.device) -> dict[str, floa
 
 CACHED_ROUNDS = 5
 CACHED_STEPS_PER_ROUND = 4  # the first of a round is not timed: the extraction before it evicted the caches
-CACHED_CACHE_ROWS_PER_CLIP = 2  # rows in the cache per clip of the micro-batch: every step reads other rows
+CACHE_ROWS_PER_CLIP = 2  # rows in the cache per clip of the micro-batch: every step reads other rows
 
 
 def measure_cached_step(bench: BenchConfig, device: torch.device, batch: int) -> dict[str, Any]:
@@ -229,7 +229,7 @@ def measure_cached_step(bench: BenchConfig, device: torch.device, batch: int) ->
         with torch.no_grad():
             return model.extract_features(video, with_attention=True)
 
-    num_rows = CACHED_CACHE_ROWS_PER_CLIP * batch
+    num_rows = CACHE_ROWS_PER_CLIP * batch
     with tempfile.TemporaryDirectory() as tmp:
         meta = CacheMeta(
             backbone=dataclasses.asdict(config.backbone), backbone_name=config.backbone_name,
