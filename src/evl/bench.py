@@ -87,16 +87,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call of ``fn``, the device's queued work included."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def _median_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
     fn()  # warm-up: allocator, kernels, lazy inits
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_timed(fn, device) for _ in range(repeats))
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:
@@ -261,19 +263,12 @@ def measure_cached_step(bench: BenchConfig, device: torch.device, batch: int) ->
             _sync(device)
             return middle - start, time.perf_counter() - middle
 
-        def timed(fn: Callable[[], Any]) -> float:
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            return time.perf_counter() - start
-
         extract()  # warm-up of both, then the rounds
         for _ in range(CACHED_STEPS_PER_ROUND):
             step()
         rounds = []
         for _ in range(max(bench.repeats, CACHED_ROUNDS)):
-            extraction = timed(extract)
+            extraction = _timed(extract, device)
             # Gradients accumulate over the micro-batches of an optimiser step, as in training: the
             # untimed first step of a round makes them, the timed ones add to them.
             optimizer.zero_grad(set_to_none=True)

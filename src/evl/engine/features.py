@@ -149,10 +149,14 @@ class FeatureCache:
             path = self.root / name
             if not path.is_file():
                 raise FeatureCacheError(f"{path}: missing from the feature cache")
-            # Readers map copy-on-write: rows can then be handed out as tensors without a copy (torch
-            # refuses read-only memory), and nothing a reader does reaches the file.
-            self._arrays[name] = np.load(path, mmap_mode="c" if self.mode == "r" else self.mode)
+            self._arrays[name] = np.load(path, mmap_mode=self._mmap_mode)
         return self._arrays[name]
+
+    @property
+    def _mmap_mode(self) -> str:
+        # Readers map copy-on-write: rows can then be handed out as tensors without a copy (torch refuses
+        # read-only memory), and nothing a reader does reaches the file.
+        return "c" if self.mode == "r" else self.mode
 
     def status(self) -> np.ndarray:
         return self._array(STATUS_FILE)
@@ -193,7 +197,7 @@ class FeatureCache:
     def _row(self, name: str, index: int) -> torch.Tensor:
         row = self._array(name)[index]
         # A writer's mapping reaches the file: hand out a copy there, a view of the private mapping otherwise.
-        return torch.from_numpy(np.array(row) if self.mode != "r" else row)
+        return torch.from_numpy(row if self._mmap_mode == "c" else np.array(row))
 
     # ------------------------------------------------------------------------------------------- checks
     def check_model(self, model: EVL, fingerprint: str | None = None) -> None:

@@ -251,6 +251,8 @@ class RelativeAggregation(NamedTuple):
         contiguous, hold all bins already; otherwise attn itself."""
         if not self.single_query_groups:
             return attn
+        # flip keeps its input's strides (transposed ones, for the decoder's direction-first maps); copying
+        # into a contiguous tensor reorders them in the same pass.
         return torch.empty(attn.shape, dtype=attn.dtype, device=attn.device).copy_(attn.flip(-1))
 
     def bins(self, maps: torch.Tensor, column: int) -> torch.Tensor:
@@ -528,7 +530,7 @@ class _AttendMemory(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         keys, attn, memory = ctx.saved_tensors
-        grad_scores = _softmax_backward(attn, grad @ memory.mT)
+        grad_scores, _ = _softmax_backward(attn, grad @ memory.mT)
         grad_keys = grad_scores @ memory if ctx.needs_input_grad[0] else None
         grad_bias = grad_scores.sum(dim=-1, keepdim=True) if ctx.needs_input_grad[1] else None
         grad_memory = None
@@ -537,8 +539,11 @@ class _AttendMemory(torch.autograd.Function):
         return grad_keys, grad_bias, grad_memory
 
 
-def _softmax_backward(attn: torch.Tensor, grad_attn: torch.Tensor) -> torch.Tensor:
-    return attn * (grad_attn - (grad_attn * attn).sum(dim=-1, keepdim=True))
+def _softmax_backward(attn: torch.Tensor, grad_attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax output ``attn`` and its gradient -> (the scores' gradient, the row sums of attn * grad_attn
+    that it subtracts, which :class:`_AttendNormalizedMemory` reuses for the keys' gradient)."""
+    row_sum = (grad_attn * attn).sum(dim=-1, keepdim=True)
+    return attn * (grad_attn - row_sum), row_sum
 
 
 # Pieces of the memory that _AttendNormalizedMemory's backward renormalises at a time.
@@ -577,8 +582,7 @@ class _AttendNormalizedMemory(torch.autograd.Function):
             grad_attn[i, :, span] = grad[i] @ normed.T
             if need_keys:
                 grad_keys[i].addmm_(attn[i, :, span] * grad_attn[i, :, span], normed)
-        row_sum = (grad_attn * attn).sum(dim=-1, keepdim=True)
-        grad_scores = attn * (grad_attn - row_sum)
+        grad_scores, row_sum = _softmax_backward(attn, grad_attn)
         del grad_attn
         if need_keys:
             grad_keys.sub_(row_sum * out)
