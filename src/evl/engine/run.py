@@ -36,6 +36,7 @@ from evl.config import (
     to_dict,
 )
 from evl.engine.checkpoint import atomic_write_text, load_checkpoint
+from evl.devices import pick_device
 from evl.engine.methods import BACKBONE_FILE, build_model, has_trainable_parameters
 from evl.video.lists import read_class_names
 
@@ -58,12 +59,6 @@ CLASSES_FILE = "classes.txt"
 
 class RunDirError(FileNotFoundError):
     """A folder that is not a usable run directory."""
-
-
-def pick_device(name: str | None = None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def write_run_files(
