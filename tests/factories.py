@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from evl.config import DecoderConfig, ModelConfig, VisionConfig
+from evl.models.evl import EVL
+
 # A transformers CLIP vision config with odd sizes, which expose swapped axes: width 48, 3 heads of 16,
 # MLP 37, a 5x5 grid.
 HF_TINY = dict(
@@ -182,3 +185,41 @@ def random_text_ids(lengths, context=16, vocab=1000, sot=998, eot=999, seed=3) -
         ids[row, 1 : length - 1] = torch.randint(1, sot, (length - 2,), generator=g)
         ids[row, length - 1] = eot
     return ids
+
+
+# ------------------------------------------------------------------------- tiny EVL models and checks
+
+
+def tiny_config(**decoder) -> ModelConfig:
+    vision = VisionConfig(
+        width=32, layers=3, heads=2, patch_size=8, image_size=24, mlp_ratio=37 / 32, output_dim=16
+    )
+    fields = dict(num_frames=4, num_layers=2, num_classes=5, mlp_dropout=0.0, head_dropout=0.0)
+    return ModelConfig(backbone=vision, decoder=DecoderConfig(**{**fields, **decoder}), backbone_name="tiny")
+
+
+def randomize_(model: EVL, seed: int = 0) -> EVL:
+    """Overwrite zero-initialised tables so that every module contributes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def assert_same_outputs_and_grads(fast, slow, inputs, names, seed=1, tol=1e-5):
+    """fast == slow (fp32, within ``tol`` of each tensor's scale) and so are the gradients w.r.t. inputs."""
+    scale = slow.abs().max().item()
+    torch.testing.assert_close(fast, slow, atol=tol * max(scale, 1.0), rtol=0)
+    upstream = torch.randn(fast.shape, generator=torch.Generator().manual_seed(seed))
+    grads_fast = torch.autograd.grad(fast, inputs, upstream, allow_unused=True)
+    grads_slow = torch.autograd.grad(slow, inputs, upstream, allow_unused=True)
+    for name, a, b in zip(names, grads_fast, grads_slow, strict=True):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=tol * max(b.abs().max().item(), 1.0), rtol=0, msg=name)
+
+
+def random_maps(*lead, patches, generator):
+    return torch.randn(*lead, patches, patches, generator=generator).mul(3).softmax(-1)

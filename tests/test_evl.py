@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 
 import evl
 from conftest import FIXTURES
-from evl.config import DecoderConfig, ModelConfig, VisionConfig
 from evl.models.evl import (
     EVL,
     MEMORY_PIECES,
@@ -32,7 +31,15 @@ from evl.models.evl import (
 from evl.models.layers import LayerNorm
 from evl.models.registry import load_official_checkpoint
 from evl_oracle import evl_logits
-from factories import moving_video, random_official_decoder, random_openai_visual
+from factories import (
+    assert_same_outputs_and_grads,
+    moving_video,
+    random_maps,
+    random_official_decoder,
+    random_openai_visual,
+    randomize_,
+    tiny_config,
+)
 
 OFFICIAL = FIXTURES / "official_evl_tiny"
 
@@ -150,24 +157,6 @@ def test_official_import_without_a_temporal_module(tmp_path, disabled):
 # ------------------------------------------------------------------------------------------ modules
 
 
-def tiny_config(**decoder) -> ModelConfig:
-    vision = VisionConfig(
-        width=32, layers=3, heads=2, patch_size=8, image_size=24, mlp_ratio=37 / 32, output_dim=16
-    )
-    fields = dict(num_frames=4, num_layers=2, num_classes=5, mlp_dropout=0.0, head_dropout=0.0)
-    return ModelConfig(backbone=vision, decoder=DecoderConfig(**{**fields, **decoder}), backbone_name="tiny")
-
-
-def randomize_(model: EVL, seed: int = 0) -> EVL:
-    """Overwrite zero-initialised tables so that every module contributes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.decoder.parameters():
-            if p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return model
-
-
 def test_relative_position_index_offsets():
     index = relative_position_index(2, 3)
     # query (row 1, col 2) = patch 5, key (row 0, col 0) = patch 0: offset (+1, +2) -> (1+1)*5 + (2+2) = 14
@@ -175,23 +164,6 @@ def test_relative_position_index_offsets():
     assert index[0, 5] == (0 - 1 + 1) * 5 + (0 - 2 + 2)
     assert index.max() == 3 * 5 - 1 and index.min() == 0
     assert all(len(set(row.tolist())) == 6 for row in index)  # one bin per key within a query row
-
-
-def assert_same_outputs_and_grads(fast, slow, inputs, names, seed=1, tol=1e-5):
-    """fast == slow (fp32, within ``tol`` of each tensor's scale) and so are the gradients w.r.t. inputs."""
-    scale = slow.abs().max().item()
-    torch.testing.assert_close(fast, slow, atol=tol * max(scale, 1.0), rtol=0)
-    upstream = torch.randn(fast.shape, generator=torch.Generator().manual_seed(seed))
-    grads_fast = torch.autograd.grad(fast, inputs, upstream, allow_unused=True)
-    grads_slow = torch.autograd.grad(slow, inputs, upstream, allow_unused=True)
-    for name, a, b in zip(names, grads_fast, grads_slow, strict=True):
-        assert (a is None) == (b is None), name
-        if b is not None:
-            torch.testing.assert_close(a, b, atol=tol * max(b.abs().max().item(), 1.0), rtol=0, msg=name)
-
-
-def random_maps(*lead, patches, generator):
-    return torch.randn(*lead, patches, patches, generator=generator).mul(3).softmax(-1)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from torch import nn
 from evl.config import VisionConfig
 from evl.models.layers import LayerNorm, QuickGELU, activation_layer
 
-# Tokens per MLP matmul when no gradient is needed (memory, not speed: the hidden tensors' size).
+# Tokens per MLP matmul on CPUs when no gradient is needed (memory, not speed: the hidden tensors' size).
 MLP_TOKENS_PER_PIECE = 800
 
 
@@ -95,7 +95,8 @@ class ResidualAttentionBlock(nn.Module):
         # so the [tokens, 4C] hidden tensors stay a few MiB (19 MiB each for 8 frames of ViT-B/16 at once).
         tokens = x.reshape(-1, x.shape[-1])
         out = torch.empty_like(tokens)
-        pieces = -(-tokens.shape[0] // MLP_TOKENS_PER_PIECE)
+        # On a GPU every piece is a few kernel launches and memory is plentiful: one piece.
+        pieces = -(-tokens.shape[0] // MLP_TOKENS_PER_PIECE) if x.device.type == "cpu" else 1
         for part, target in zip(tokens.chunk(pieces), out.chunk(pieces), strict=True):
             hidden = self.mlp.c_fc(part)
             hidden.mul_(torch.sigmoid_(hidden * 1.702))

@@ -23,8 +23,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from evl.config import DecoderConfig, ModelConfig, VisionConfig
+from evl.devices import PRECISIONS, autocast, resolve_formulation, resolve_precision
 from evl.models.clip_vit import BlockFeatures, CLIPVisionTransformer
-from evl.models.layers import LayerNorm, QuickGELU, load_exact_subset
+from evl.models.layers import LayerNorm, QuickGELU, load_exact_subset, weights_fingerprint
+from evl.models.ops.precision import in_float32
 
 # ----------------------------------------------------------------------------------------- temporal modules
 
@@ -76,11 +78,13 @@ class _TemporalResidual(torch.autograd.Function):
 
     F.conv1d wants [B*L, C, T] (a transposed copy there and back, and a slow backward for this layout);
     here the centre tap and the residual are one multiply (x * (1 + w)) and bias plus embedding one [T, C]
-    table, so forward is three passes over x and backward needs no transposes.
+    table, so forward is three passes over x and backward needs no transposes. ``batched``: the weight
+    gradient as one product per tap over the whole batch (GPUs), instead of frame by frame (CPUs).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, embed):
+    @in_float32
+    def forward(ctx, x, weight, bias, embed, batched):
         t, c = x.shape[1], x.shape[-1]
         offset = x.new_zeros(t, 1, c)  # bias + embedding, per frame
         if bias is not None:
@@ -97,21 +101,24 @@ class _TemporalResidual(torch.autograd.Function):
                     out, read = _tap_slices(t, tap - centre)
                     y[:, out].addcmul_(x[:, read], taps[:, tap])
         ctx.save_for_backward(x, weight)
+        ctx.batched = batched
         return y
 
     @staticmethod
+    @in_float32
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        needs_x, needs_weight, needs_bias, needs_embed = ctx.needs_input_grad
+        needs_x, needs_weight, needs_bias, needs_embed, _ = ctx.needs_input_grad
         grad_x = grad_weight = grad_bias = grad_embed = None
         num_taps = 0 if weight is None or not needs_weight else weight.shape[-1]
         if needs_bias or needs_embed or num_taps:
-            per_tap, per_frame = _tap_and_frame_sums(grad, x, num_taps)
+            sums = _tap_and_frame_sums_batched if ctx.batched else _tap_and_frame_sums
+            per_tap, per_frame = sums(grad, x, num_taps)
             grad_weight = per_tap.T.unsqueeze(1) if num_taps else None  # [C, 1, K]
             grad_bias = per_frame.sum(0) if needs_bias else None
             grad_embed = per_frame if needs_embed else None
         if weight is None:
-            return grad if needs_x else None, None, grad_bias, grad_embed
+            return grad if needs_x else None, None, grad_bias, grad_embed, None
         t, (taps, centre) = x.shape[1], (weight[:, 0], weight.shape[-1] // 2)
         if needs_x:
             grad_x = grad * (taps[:, centre] + 1)
@@ -119,7 +126,7 @@ class _TemporalResidual(torch.autograd.Function):
                 if tap != centre:
                     out, read = _tap_slices(t, tap - centre)
                     grad_x[:, read].addcmul_(grad[:, out], taps[:, tap])
-        return grad_x, grad_weight, grad_bias, grad_embed
+        return grad_x, grad_weight, grad_bias, grad_embed, None
 
 
 def _tap_and_frame_sums(
@@ -144,14 +151,27 @@ def _tap_and_frame_sums(
     return per_tap.sum(dim=1), per_frame
 
 
+def _tap_and_frame_sums_batched(
+    grad: torch.Tensor, x: torch.Tensor, num_taps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_tap_and_frame_sums` as a few ops over the whole batch: one product and sum per tap."""
+    t = x.shape[1]
+    per_tap = grad.new_empty(num_taps, x.shape[-1])
+    for tap in range(num_taps):
+        out, read = _tap_slices(t, tap - num_taps // 2)
+        per_tap[tap] = (grad[:, out] * x[:, read]).sum(dim=(0, 1, 2))
+    return per_tap, grad.sum(dim=(0, 2))
+
+
 def temporal_residual(
-    x: torch.Tensor, conv: TemporalConv | None, pos_embed: TemporalPosEmbed | None
+    x: torch.Tensor, conv: TemporalConv | None, pos_embed: TemporalPosEmbed | None, batched: bool = False
 ) -> torch.Tensor:
-    """x + conv(x) + pos_embed() for x [B, T, L, C] (either module may be None), always a new tensor."""
+    """x + conv(x) + pos_embed() for x [B, T, L, C] (either module may be None), always a new tensor
+    (float32: see :func:`in_float32`). ``batched``: the formulation for GPUs (same numbers)."""
     if conv is None and pos_embed is None:
-        return x.clone()
+        return x.float() if x.dtype != torch.float32 else x.clone()
     weight, bias = (None, None) if conv is None else (conv.weight, conv.bias)
-    return _TemporalResidual.apply(x, weight, bias, None if pos_embed is None else pos_embed.embed)
+    return _TemporalResidual.apply(x, weight, bias, None if pos_embed is None else pos_embed.embed, batched)
 
 
 def relative_position_index(grid_h: int, grid_w: int) -> torch.Tensor:
@@ -331,6 +351,7 @@ def _rows(grouped: torch.Tensor) -> torch.Tensor:
 
 class _AggregateRelative(torch.autograd.Function):
     @staticmethod
+    @in_float32
     def forward(ctx, attn, weight, aggregation):
         maps = aggregation.prepare(attn)
         ctx.save_for_backward(maps, weight)
@@ -340,6 +361,7 @@ class _AggregateRelative(torch.autograd.Function):
         return out
 
     @staticmethod
+    @in_float32
     def backward(ctx, grad):
         maps, weight = ctx.saved_tensors
         grad_attn = ctx.aggregation.attn_grad(weight, grad) if ctx.needs_input_grad[0] else None
@@ -423,6 +445,7 @@ class _AddCrossFrameTerms(torch.autograd.Function):
     in forward, and the gradient of y passes through untouched."""
 
     @staticmethod
+    @in_float32
     def forward(ctx, y, attn, w_prev, w_next, aggregation):
         maps = aggregation.prepare(attn.transpose(0, 1))  # direction first: each direction's maps contiguous
         for direction, weight in enumerate((w_prev, w_next)):
@@ -433,6 +456,7 @@ class _AddCrossFrameTerms(torch.autograd.Function):
         return y
 
     @staticmethod
+    @in_float32
     def backward(ctx, grad):
         maps, *weights = ctx.saved_tensors
         aggregation: RelativeAggregation = ctx.aggregation
@@ -479,15 +503,22 @@ class TemporalCrossAttention(nn.Module):
         out = self.w_prev.new_zeros(b, num_frames, self.grid[0] * self.grid[1] + 1, self.w_prev.shape[1])
         return self.add_to(out, attn)
 
-    def add_to(self, y: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
+    def add_to(self, y: torch.Tensor, attn: torch.Tensor | None, batched: bool = False) -> torch.Tensor:
         """y [B, T, L, C] + :meth:`forward`, computed in place in y (which is returned); y must be a tensor
-        of the caller's own, not one that autograd or the caller still needs unchanged."""
+        of the caller's own, not one that autograd or the caller still needs unchanged.
+
+        ``batched`` (GPUs): the paper's gathered [P, P, C] table, one batched matmul per direction over every
+        clip and frame pair; otherwise (CPUs) :class:`RelativeAggregation`, group by group of queries."""
         self._check_grid(attn)
         if attn is None:
             return y
         attn = attn.to(self.w_prev.dtype)
         if self.materialize:
             return y + self._gathered(attn, y.shape[1])
+        if batched:
+            _receiving_patches(y, 0).add_(aggregate_relative_gather(attn[:, 0], self.w_prev, self.index))
+            _receiving_patches(y, 1).add_(aggregate_relative_gather(attn[:, 1], self.w_next, self.index))
+            return y
         aggregation = RelativeAggregation.for_maps(*self.grid, attn[:, 0, :, 0, 0].numel())
         return _AddCrossFrameTerms.apply(y, attn, self.w_prev, self.w_next, aggregation)
 
@@ -522,12 +553,14 @@ class _AttendMemory(torch.autograd.Function):
     """
 
     @staticmethod
+    @in_float32
     def forward(ctx, keys, bias, memory):
         attn = (keys @ memory.mT + bias).softmax(dim=-1)  # [B, Q, Lm]
         ctx.save_for_backward(keys, attn, memory)
         return attn @ memory
 
     @staticmethod
+    @in_float32
     def backward(ctx, grad):
         keys, attn, memory = ctx.saved_tensors
         grad_scores, _ = _softmax_backward(attn, grad @ memory.mT)
@@ -560,6 +593,7 @@ class _AttendNormalizedMemory(torch.autograd.Function):
     """
 
     @staticmethod
+    @in_float32
     def forward(ctx, keys, bias, memory, weight, norm_bias, eps):
         normed, mean, rstd = torch.native_layer_norm(memory, (memory.shape[-1],), weight, norm_bias, eps)
         attn = (keys @ normed.mT + bias).softmax(dim=-1)  # [B, Q, Lm]
@@ -569,6 +603,7 @@ class _AttendNormalizedMemory(torch.autograd.Function):
         return out
 
     @staticmethod
+    @in_float32
     def backward(ctx, grad):
         keys, attn, memory, weight, norm_bias, mean, rstd, out = ctx.saved_tensors
         need_keys, need_bias, need_memory, need_weight, need_norm_bias, _ = ctx.needs_input_grad
@@ -781,22 +816,27 @@ class EVLDecoder(nn.Module):
             DecoderLayer(width, config.num_heads or heads, config.mlp_ratio, config.mlp_dropout)
             for _ in range(m)
         )
-        # Recompute each layer's memory in backward instead of storing it, and normalise it inside the
-        # attention (an execution choice, not part of the model: results are identical). Off when memory is
-        # plentiful (training on cached features), where storing is faster.
-        self.checkpoint_memory = True
+        # Execution choices, not part of the model (results are the same):
+        # - checkpoint_memory: recompute each layer's memory in backward instead of storing it (and, in the
+        #   CPU formulation, normalise it inside the attention, piece by piece). Worth it where memory is
+        #   short; None: on for CPUs (host memory, training from videos), off on GPUs.
+        # - formulation: "cpu" (loops sized to CPU caches), "batched" (an op count that does not grow with
+        #   the batch, for GPUs) or "auto" (by the features' device; see evl.devices.resolve_formulation).
+        self.checkpoint_memory: bool | None = None
+        self.formulation = "auto"
 
-    def memory(self, i: int, features: FrameFeatures) -> torch.Tensor:
-        """The memory of decoder layer i: block output plus the temporal terms, [B, T, L, C].
+    def memory(self, i: int, features: FrameFeatures, batched: bool = False) -> torch.Tensor:
+        """The memory of decoder layer i: block output plus the temporal terms, [B, T, L, C], float32.
 
         Equal to :meth:`memory_reference`, computed with fewer passes over the [B, T, L, C] tensors.
         """
         x = features.out
         conv = None if self.temporal_conv is None else self.temporal_conv[i]
         pos_embed = None if self.temporal_pos_embed is None else self.temporal_pos_embed[i]
-        y = temporal_residual(x, conv, pos_embed)  # a new tensor: x may be the backbone's or the cache's
+        # A new tensor: x may be the backbone's or the cache's.
+        y = temporal_residual(x, conv, pos_embed, batched=batched)
         if self.cross_attention is not None:
-            y = self.cross_attention[i].add_to(y, features.attn)
+            y = self.cross_attention[i].add_to(y, features.attn, batched=batched)
         return y
 
     def memory_reference(self, i: int, features: FrameFeatures) -> torch.Tensor:
@@ -811,22 +851,34 @@ class EVLDecoder(nn.Module):
             y = y + self.cross_attention[i](features.attn, x.shape[1])
         return y
 
-    def attend(self, i: int, query: torch.Tensor, features: FrameFeatures) -> torch.Tensor:
-        memory = self.memory(i, features).flatten(1, 2)  # [B, T*L, C], frame-major
-        return self.layers[i].attend(query, memory, lean=self.checkpoint_memory)
+    def attend(
+        self, i: int, query: torch.Tensor, features: FrameFeatures, batched: bool = False, lean: bool = False
+    ) -> torch.Tensor:
+        """``lean``: normalise the memory inside the attention piece by piece (CPU formulation only)."""
+        memory = self.memory(i, features, batched).flatten(1, 2)  # [B, T*L, C], frame-major
+        return self.layers[i].attend(query, memory, lean=lean and not batched)
+
+    def execution(self, device: torch.device) -> tuple[bool, bool]:
+        """(batched formulation, memory recomputed in backward) for features on ``device``."""
+        batched = resolve_formulation(self.formulation, device) == "batched"
+        recompute = self.checkpoint_memory
+        if recompute is None:
+            recompute = device.type == "cpu"
+        return batched, recompute
 
     def forward(self, features: list[FrameFeatures]) -> torch.Tensor:
         if len(features) != len(self.layers):
             raise ValueError(f"decoder has {len(self.layers)} layers but got {len(features)} feature maps")
         b = features[0].out.shape[0]
+        batched, recompute = self.execution(features[0].out.device)
         query = self.query.expand(b, 1, -1)
         for i, layer in enumerate(self.layers):
-            if self.checkpoint_memory and torch.is_grad_enabled():
+            if recompute and torch.is_grad_enabled():
                 # The memory ([B, T*L, C] per layer, and what building it saves for backward) is most of
                 # the decoder's activation memory, and cheap to rebuild from the features in backward.
-                query = checkpoint(self.attend, i, query, features[i], use_reentrant=False)
+                query = checkpoint(self.attend, i, query, features[i], batched, True, use_reentrant=False)
             else:
-                query = self.attend(i, query, features[i])
+                query = self.attend(i, query, features[i], batched)
             query = layer.feed_forward(query)
         return query[:, 0]
 
@@ -846,18 +898,13 @@ class ClassifierHead(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- model
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def resolve_backbone_dtype(name: str, device: torch.device) -> torch.dtype:
     """The backbone's compute dtype; "auto" is float32 on CPUs (where half precision is emulated, many
-    times slower) and bfloat16 on CUDA."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone dtype {name!r}; expected auto, {', '.join(_DTYPES)}") from None
+    times slower) and the GPU's native half type on CUDA (:func:`evl.devices.resolve_precision`)."""
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown backbone dtype {name!r}; expected {', '.join(PRECISIONS)}")
+    return resolve_precision(name, device)
 
 
 class EVL(nn.Module):
@@ -878,6 +925,7 @@ class EVL(nn.Module):
             self.backbone.eval()
         # Clips per backbone pass without autograd; None: one on CPU, the whole batch on GPU.
         self.backbone_chunk: int | None = None
+        self._fingerprint: str | None = None
 
     @property
     def frozen(self) -> bool:
@@ -892,10 +940,34 @@ class EVL(nn.Module):
     def num_classes(self) -> int:
         return self.config.decoder.num_classes
 
+    def backbone_fingerprint(self) -> str:
+        """sha256 of the frozen backbone's weights as loaded (see :func:`weights_fingerprint`), kept from
+        before any cast to a GPU's compute dtype; a fine-tuned backbone's of its current weights."""
+        if not self.frozen:
+            return weights_fingerprint(self.backbone)
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.backbone)
+        return self._fingerprint
+
     def train(self, mode: bool = True) -> EVL:
         super().train(mode)
         if self.frozen:
             self.backbone.eval()  # a frozen backbone never leaves eval mode
+        return self
+
+    def to(self, *args, **kwargs) -> EVL:
+        """``nn.Module.to``; a frozen backbone is then stored in its compute dtype on the new device
+        (bfloat16 or float16 on GPUs: half the memory, and no cast of every weight at every forward). Its
+        weights are never trained nor saved, so only a move back from a GPU sees the rounding."""
+        super().to(*args, **kwargs)
+        if self.frozen:
+            device = self.backbone.conv1.weight.device
+            dtype = resolve_backbone_dtype(self.config.backbone_dtype, device)
+            if device.type == "cuda" and dtype != self.backbone.conv1.weight.dtype:
+                self.backbone_fingerprint()  # of the weights as loaded, before the rounding
+                self.backbone.to(dtype)
+            elif device.type == "cpu" and self.backbone.conv1.weight.dtype != torch.float32:
+                self.backbone.float()  # moved back from a GPU: CPUs compute in float32 (autocast below)
         return self
 
     # ----------------------------------------------------------------------------------------------- input
@@ -916,10 +988,7 @@ class EVL(nn.Module):
 
     # -------------------------------------------------------------------------------------------- forwards
     def _backbone_context(self, device: torch.device) -> contextlib.AbstractContextManager:
-        dtype = resolve_backbone_dtype(self.config.backbone_dtype, device)
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
+        return autocast(resolve_backbone_dtype(self.config.backbone_dtype, device), device)
 
     def extract_block_features(
         self, video: torch.Tensor, blocks: Sequence[int] | None = None

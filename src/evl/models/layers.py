@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import torch
@@ -64,3 +65,13 @@ def load_exact_subset(
                 f"{tuple(own[key].shape)}{shape_hint}"
             )
     module.load_state_dict(state, strict=False)
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over a module's tensors (names and float32 values): what identifies the very weights that
+    produced something, e.g. a feature cache."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()

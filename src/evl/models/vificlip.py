@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evl.config import VisionConfig
+from evl.devices import autocast
 from evl.models.clip_text import CLIPTextTransformer
 from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.evl import resolve_backbone_dtype
@@ -220,10 +221,7 @@ class VideoCLIP(nn.Module):
 
     # -------------------------------------------------------------------------------------------- forwards
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        dtype = resolve_backbone_dtype(self.compute_dtype, device)
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
+        return autocast(resolve_backbone_dtype(self.compute_dtype, device), device)
 
     @staticmethod
     def _grad(trainable: bool) -> contextlib.AbstractContextManager:

@@ -1,0 +1,1 @@
+"""Kernels of the models' hot paths, each beside the straightforward formulation it is tested against."""
