@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from evl.devices import DeviceOutOfMemory
 from evl.engine.checkpoint import CheckpointError
 from evl.recipes import RecipeError
 from evl.runtime import tune_cpu_allocator
@@ -60,7 +61,7 @@ TRAIN_FLAGS = [
     ("--eval-every", "train.eval_every", int, "validate every N steps"),
     ("--save-every", "train.save_every", int, "checkpoint every N steps"),
     ("--seed", "train.seed", int, "seed of data order, augmentation and initialisation"),
-    ("--num-workers", "data.num_workers", int, "data-loader processes"),
+    ("--num-workers", "data.num_workers", int, "data-loader processes (default: from the CPU count)"),
     ("--on-bad-video", "data.on_bad_video", str, "skip | error"),
     ("--decoder-layers", "decoder.num_layers", int, "decoder depth (reads the last N backbone blocks)"),
     ("--init-from", "train.init_from", str, "run directory or checkpoint whose decoder initialises this run"),
@@ -564,11 +565,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _memory_advice(err: DeviceOutOfMemory) -> str:
+    """What to pass next time, by the flags of the command that ran out of memory."""
+    if err.stage == "training":
+        return (
+            f"pass --batch-split {2 * err.batch_split} (or more) to run the same batch of {err.batch_size} "
+            "in smaller micro-batches; the last good checkpoint is kept and --resume auto continues from it"
+        )
+    return f"pass a smaller --batch-size (now {err.batch_size})"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     tune_cpu_allocator()
     try:
         return args.func(args)
+    except DeviceOutOfMemory as err:
+        if os.environ.get("EVL_DEBUG"):
+            raise
+        print(f"evl {args.command}: error: {err}; {_memory_advice(err)}", file=sys.stderr)
+        return 2
     except USER_ERRORS as err:
         if os.environ.get("EVL_DEBUG"):
             raise

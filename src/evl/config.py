@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from evl.devices import check_precision
+
 # Normalisation statistics travel with the backbone preset (never a silent default).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -209,6 +211,9 @@ class BackboneSpec:
     freeze: bool = True
     dtype: str = "auto"  # compute dtype of the frozen backbone: auto | float32 | float16 | bfloat16
 
+    def __post_init__(self) -> None:
+        check_precision(self.dtype, "backbone.dtype")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -227,7 +232,7 @@ class DataConfig:
     flip_label_map: str | None = None  # JSON file {"class a": "class b", ...} for direction-sensitive labels
     rand_augment: str | None = "rand-m7-n4-mstd0.5-inc1"
     train_scale: tuple[float, float] = (0.08, 1.0)
-    num_workers: int = 2
+    num_workers: int | None = None  # data-loader workers per process; None: from the CPU count
     on_bad_video: str = "skip"  # skip (counted, logged to the run directory) | error
     # Feature caches made by `evl extract`: train (and validate) the decoder without running the backbone.
     features: str | None = None
@@ -238,6 +243,8 @@ class DataConfig:
             raise ValueError(f"data.sampling must be 'dense' or 'segment', got {self.sampling!r}")
         if self.on_bad_video not in ("skip", "error"):
             raise ValueError(f"data.on_bad_video must be 'skip' or 'error', got {self.on_bad_video!r}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 or null, got {self.num_workers}")
 
 
 @dataclass(frozen=True)
@@ -252,9 +259,13 @@ class TrainConfig:
     decay_all: bool = False  # True: decay every parameter, as the official code does
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
-    precision: str = (
-        "auto"  # decoder autocast: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
-    )
+    # Autocast of the training forward: auto (float32 on CPUs; on GPUs bfloat16 from compute capability 8.0,
+    # else float16 with a gradient scaler) | float32 | bfloat16 | float16 (see evl.devices).
+    precision: str = "auto"
+    tf32: bool = True  # CUDA: TensorFloat-32 for float32 matmuls and convolutions
+    # Rebuild the decoder's memory in backward instead of storing it: less memory, a little more time.
+    # None: on for CPUs training from videos, off on GPUs and for cached features.
+    recompute_memory: bool | None = None
     eval_every: int = 1000
     save_every: int = 1000
     log_every: int = 10
@@ -278,6 +289,7 @@ class TrainConfig:
             raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        check_precision(self.precision, "train.precision")
         if self.batch_size % self.batch_split:
             raise ValueError(
                 f"train.batch_size {self.batch_size} is not divisible by train.batch_split {self.batch_split}"

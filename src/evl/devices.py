@@ -21,10 +21,14 @@ DEVICE_ENV = "EVL_DEVICE"
 
 class DeviceOutOfMemory(RuntimeError):
     """The accelerator ran out of memory. ``stage`` is "training" or "evaluation"; ``batch_size`` the clips
-    per step (training: the global batch) and ``micro_batch`` the clips per forward pass."""
+    per step (training: the global batch), ``micro_batch`` the clips per forward pass and ``batch_split``
+    the micro-batches per step (training)."""
 
-    def __init__(self, stage: str, batch_size: int, micro_batch: int, detail: str = "") -> None:
+    def __init__(
+        self, stage: str, batch_size: int, micro_batch: int, detail: str = "", batch_split: int = 1
+    ) -> None:
         self.stage, self.batch_size, self.micro_batch = stage, batch_size, micro_batch
+        self.batch_split = batch_split
         super().__init__(
             f"out of device memory in {stage} at batch size {batch_size} "
             f"({micro_batch} clips per forward pass){': ' + detail if detail else ''}"
@@ -84,3 +88,19 @@ def configure_device(device: torch.device, tf32: bool = True) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
+
+
+# How the EVL decoder's kernels are formulated: "cpu" loops over clips, frames, query groups and memory
+# pieces in cache-sized steps (fast on a few CPU cores, where a loop iteration costs little next to the math);
+# "batched" issues a number of ops that does not grow with the batch (on a GPU every op is a kernel launch
+# of several microseconds, and each one should cover the whole batch).
+FORMULATIONS = ("auto", "cpu", "batched")
+
+
+def resolve_formulation(name: str, device: torch.device) -> str:
+    """ "auto" -> "cpu" on CPUs, "batched" on every other device (CUDA, and meta for op counting)."""
+    if name not in FORMULATIONS:
+        raise ValueError(f"formulation must be one of {', '.join(FORMULATIONS)}; got {name!r}")
+    if name != "auto":
+        return name
+    return "cpu" if device.type == "cpu" else "batched"

@@ -8,9 +8,10 @@ A listed video that cannot be decoded (policy ``skip``) is never dropped silentl
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from evl.config import DataConfig, MethodConfig
+from evl.devices import DeviceOutOfMemory
 from evl.engine.checkpoint import atomic_write_text
+from evl.engine.loading import loader_options
 from evl.engine.methods import inference_context, set_classes
 from evl.engine.metrics import EvalResult, average_views, confusion_matrix, label_ranks, write_scores
 from evl.engine.plots import plot_confusion_matrix
@@ -112,10 +115,29 @@ def eval_loader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        num_workers=data.num_workers,
         collate_fn=collate_eval,
-        persistent_workers=False,
+        **loader_options(model_device(model), data.num_workers),
     )
+
+
+def forward_or_none(forward: Callable[..., torch.Tensor], *inputs: Any) -> torch.Tensor | None:
+    """``forward(*inputs)``, or None when the device ran out of memory during it.
+
+    The caller raises its error after this returns, outside the handler: the traceback of the failed
+    forward pass, whose frames hold its activations, is gone by then and the memory is free again.
+    """
+    try:
+        return forward(*inputs)
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on: the same class
+        return None
+
+
+def evaluation_out_of_memory(batch_size: int, clips_per_forward: int) -> DeviceOutOfMemory:
+    """The error of an evaluation forward pass that ran out of memory, once the memory the allocator
+    still caches is handed back (the caller may go on, e.g. training after a failed validation)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return DeviceOutOfMemory("evaluation", batch_size, clips_per_forward)
 
 
 @torch.no_grad()
@@ -151,7 +173,12 @@ def evaluate(
             if batch["video"] is not None:
                 video = batch["video"].to(device, non_blocking=True)  # [B, V, T, 3, S, S]
                 b, v = video.shape[:2]
-                logits = model(video.flatten(0, 1)).float().view(b, v, -1)
+                logits = forward_or_none(model, video.flatten(0, 1))
+                if logits is None:
+                    del video
+                    bar.close()
+                    raise evaluation_out_of_memory(batch_size, b * v) from None
+                logits = logits.float().view(b, v, -1)
                 scores[batch["index"]] = average_views(logits.cpu(), mode="prob")
                 for index, path in zip(batch["index"], batch["path"], strict=True):
                     paths[index] = path

@@ -22,7 +22,6 @@ augmentation: the view is fixed), and sweeping decoder hyper-parameters never ru
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +35,15 @@ from tqdm.auto import tqdm
 
 from evl.config import RunConfig, VisionConfig, to_dict
 from evl.engine.checkpoint import atomic_write_text
-from evl.engine.evaluate import EvalSummary, Evaluation, eval_sampling, eval_transform
+from evl.engine.evaluate import (
+    EvalSummary,
+    Evaluation,
+    eval_sampling,
+    eval_transform,
+    evaluation_out_of_memory,
+    forward_or_none,
+)
+from evl.engine.loading import loader_options
 from evl.models.evl import EVL, FrameFeatures
 from evl.video.dataset import EvalClips, StreamOrder, collate_eval
 from evl.video.lists import VideoEntry
@@ -51,15 +58,6 @@ PENDING, DONE, SKIPPED = 0, 1, 2
 
 class FeatureCacheError(ValueError):
     """A feature cache that is missing, incomplete, damaged or made for another model."""
-
-
-def backbone_fingerprint(backbone: torch.nn.Module) -> str:
-    """sha256 over the backbone's tensors: the cache is only valid for the very weights that made it."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(backbone.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -91,6 +89,11 @@ class FeatureCache:
         self.meta = meta
         self.mode = mode
         self._arrays: dict[str, np.ndarray] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A data-loader worker started by spawn (not fork) receives the cache pickled: without this, the
+        # arrays mapped so far would travel as full copies instead of being mapped again in the worker.
+        return {**self.__dict__, "_arrays": {}}
 
     # ------------------------------------------------------------------------------------------ creation
     @classmethod
@@ -202,13 +205,13 @@ class FeatureCache:
     # ------------------------------------------------------------------------------------------- checks
     def check_model(self, model: EVL, fingerprint: str | None = None) -> None:
         """One-line error unless ``model`` reads exactly what this cache holds (``fingerprint``: the
-        model's :func:`backbone_fingerprint`, when already computed)."""
+        model's :meth:`EVL.backbone_fingerprint`, when already computed)."""
         meta, config = self.meta, model.config
         if VisionConfig(**_tupled(meta.backbone)) != config.backbone:
             raise FeatureCacheError(
                 f"{self.root}: made with another backbone configuration than this model's"
             )
-        if (fingerprint or backbone_fingerprint(model.backbone)) != meta.fingerprint:
+        if (fingerprint or model.backbone_fingerprint()) != meta.fingerprint:
             raise FeatureCacheError(f"{self.root}: made with other backbone weights than this model's")
         missing = sorted(set(model.blocks) - set(meta.blocks))
         if missing:
@@ -245,11 +248,16 @@ def _tupled(fields: dict[str, Any]) -> dict[str, Any]:
 def to_frame_features(
     rows: list[tuple[torch.Tensor, torch.Tensor | None]], device: torch.device
 ) -> list[FrameFeatures]:
-    """Batched cache rows (float16) -> float32 decoder inputs on ``device``."""
-    return [
-        FrameFeatures(out.to(device).float(), None if attn is None else attn.to(device).float())
-        for out, attn in rows
-    ]
+    """Batched cache rows (float16) -> float32 decoder inputs on ``device``.
+
+    The rows travel in float16 (half the bytes) and are widened on ``device``; from pinned memory (a loader
+    built with :func:`~evl.engine.loading.loader_options`) the copies overlap the work queued before them.
+    """
+
+    def moved(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device, non_blocking=True).float()
+
+    return [FrameFeatures(moved(out), None if attn is None else moved(attn)) for out, attn in rows]
 
 
 class CachedClips(Dataset):
@@ -328,7 +336,7 @@ def extract(
     meta = CacheMeta(
         backbone=to_dict(model.config.backbone),
         backbone_name=model.config.backbone_name,
-        fingerprint=backbone_fingerprint(model.backbone),
+        fingerprint=model.backbone_fingerprint(),
         blocks=blocks,
         num_frames=data.num_frames,
         sampling={
@@ -348,14 +356,14 @@ def extract(
         eval_transform(model, data),
         on_bad_video=data.on_bad_video,
     )
+    device = next(model.decoder.parameters()).device
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        num_workers=data.num_workers,
         collate_fn=collate_eval,
         generator=torch.Generator(),  # leaves the global RNG alone
+        **loader_options(device, data.num_workers),
     )
-    device = next(model.decoder.parameters()).device
     model.eval()
     skipped = 0
     bar = tqdm(
@@ -373,7 +381,8 @@ def extract(
                     f.writelines(f"{path}\t{reason}\n" for _, path, reason in batch["failed"])
                 skipped += len(batch["failed"])
             if batch["video"] is not None:
-                video = batch["video"][:, 0].to(device)  # the single view: [B, T, 3, S, S]
+                # The pinned batch is copied whole, then its single view taken: [B, T, 3, S, S].
+                video = batch["video"].to(device, non_blocking=True)[:, 0]
                 block_features = model.extract_features(video, blocks, with_attention=True)
                 cache.write([pending[i] for i in batch["index"]], block_features)
             bar.update(len(batch["failed"]) + len(batch["index"]))
@@ -387,11 +396,32 @@ def cache_bytes_per_clip(meta: CacheMeta) -> int:
     return len(meta.blocks) * 2 * (t * length * c + attn)  # float16
 
 
+class CachedRows(Dataset):
+    """Given rows of a cache, in the order given: the items of :func:`collate_cached`."""
+
+    def __init__(self, cache: FeatureCache, rows: Sequence[int], blocks: Sequence[int]) -> None:
+        self.cache, self.rows, self.blocks = cache, [int(i) for i in rows], tuple(blocks)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        index = self.rows[position]
+        return {"features": self.cache.read(index, self.blocks), "label": 0, "index": index}
+
+
 @torch.no_grad()
 def evaluate_cached(
-    model: EVL, cache: FeatureCache, batch_size: int = 8, progress: bool = True
+    model: EVL,
+    cache: FeatureCache,
+    batch_size: int = 8,
+    progress: bool = True,
+    num_workers: int | None = None,
 ) -> Evaluation:
-    """Single-view evaluation on a feature cache: every listed video once, skipped ones reported."""
+    """Single-view evaluation on a feature cache: every listed video once, skipped ones reported.
+
+    ``num_workers``: data-loader processes reading the rows (None: from the CPU count).
+    """
     model.eval()
     device = next(model.decoder.parameters()).device
     entries = cache.entries()
@@ -401,11 +431,21 @@ def evaluate_cached(
         cache.done_indices()  # raises the incomplete-extraction error
     scores = np.full((len(entries), num_classes), np.nan, dtype=np.float64)
     done = np.flatnonzero(status == DONE)
-    for start in tqdm(range(0, len(done), batch_size), desc="eval", disable=not progress, leave=False):
-        rows = done[start : start + batch_size]
-        items = [{"features": cache.read(int(i), model.blocks), "label": 0, "index": int(i)} for i in rows]
-        features = to_frame_features(collate_cached(items)["features"], device)
-        scores[rows] = model.forward_head(features).float().softmax(-1).cpu().numpy()
+    loader = DataLoader(
+        CachedRows(cache, done, model.blocks),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate_cached,
+        **loader_options(device, num_workers),
+    )
+    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        rows = np.asarray(batch["index"], dtype=np.int64)
+        features = to_frame_features(batch["features"], device)
+        logits = forward_or_none(model.forward_head, features)
+        if logits is None:
+            del features
+            raise evaluation_out_of_memory(batch_size, len(rows)) from None
+        scores[rows] = logits.float().softmax(-1).cpu().numpy()
     labels = np.array([label for _, label in entries], dtype=np.int64)
     paths = [path for path, _ in entries]
     failed = [(paths[i], "skipped at extraction") for i in np.flatnonzero(status == SKIPPED)]

@@ -61,8 +61,11 @@ class Predictor:
     def probabilities(self, path: str | Path) -> torch.Tensor:
         """Class probabilities [C] of one video (softmax averaged over views)."""
         views = load_views(Path(path), self.sampling, self.transform)  # [V, T, 3, S, S]
+        # Not pinned: one video's views are copied once and the forward pass waits for them at once, so
+        # staging them in page-locked memory would add a host copy and save nothing.
+        views = views.to(model_device(self.model), non_blocking=True)
         with inference_context(self.model):
-            logits = self.model(views.to(model_device(self.model))).float().cpu()
+            logits = self.model(views).float().cpu()
         return torch.from_numpy(average_views(logits[None], mode="prob")[0])
 
     def predict(self, path: str | Path, topk: int = 5) -> Prediction:

@@ -35,8 +35,8 @@ from evl.config import (
     run_config_from_dict,
     to_dict,
 )
+from evl.devices import configure_device, pick_device
 from evl.engine.checkpoint import atomic_write_text, load_checkpoint
-from evl.devices import pick_device
 from evl.engine.methods import BACKBONE_FILE, build_model, has_trainable_parameters
 from evl.video.lists import read_class_names
 
@@ -126,7 +126,9 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> L
         checkpoint = load_checkpoint(run_dir)
         model.load_trainable_state_dict(checkpoint.model_state, source=str(checkpoint.path))
         step = checkpoint.step
-    return LoadedRun(run_dir, run, model.to(pick_device(device)).eval(), classes, step)
+    device = pick_device(device)
+    configure_device(device, tf32=run.train.tf32)
+    return LoadedRun(run_dir, run, model.to(device).eval(), classes, step)
 
 
 def zeroshot_run(

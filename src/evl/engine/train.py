@@ -23,6 +23,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from evl.config import DataConfig, RunConfig
+from evl.devices import (
+    DeviceOutOfMemory,
+    autocast,
+    configure_device,
+    needs_grad_scaler,
+    pick_device,
+    resolve_precision,
+)
 from evl.engine.checkpoint import (
     atomic_write_text,
     find_resumable,
@@ -42,22 +50,19 @@ from evl.engine.features import BACKBONE_FILE as CACHE_BACKBONE_FILE
 from evl.engine.features import (
     CachedClips,
     FeatureCache,
-    backbone_fingerprint,
     collate_cached,
     evaluate_cached,
     to_frame_features,
 )
+from evl.engine.loading import loader_options
 from evl.engine.methods import BACKBONE_FILE, build_method_optimizer, build_model, has_trainable_parameters
 from evl.engine.optim import allocate_adamw_state, build_scheduler
 from evl.engine.plots import plot_training_curves
-from evl.engine.run import pick_device, write_run_files
+from evl.engine.run import write_run_files
 from evl.engine.train_state import make_train_state, restore_train_state
 from evl.video.dataset import StreamSampler, TrainClips, collate_train
 from evl.video.lists import VideoEntry, read_class_names, read_list
 from evl.video.transforms import TransformConfig, build_train_transform
-
-_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 # Without --classes, labels 0..max are the classes; a larger maximum is almost surely a malformed list.
 MAX_UNNAMED_CLASSES = 100_000
@@ -177,11 +182,8 @@ def adopt_cached_backbone(cache_dir: str, run_dir: Path) -> None:
 
 
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "auto":
-        precision = "bfloat16" if device.type == "cuda" else "float32"
-    if precision == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_AUTOCAST[precision])
+    """Autocast for the training forward: ``precision`` as :func:`evl.devices.resolve_precision` reads it."""
+    return autocast(resolve_precision(precision, device), device)
 
 
 def _append_metrics(path: Path, rows: list[tuple[int, str, str, float]]) -> None:
@@ -236,14 +238,18 @@ def _train(
     built = build_model(run, run_dir, classes, seed=cfg.seed)
     if env.is_main:
         barrier(env)
+    configure_device(dev, tf32=cfg.tf32)
     model = built.model.to(dev)
     train_cache = FeatureCache.open(data.features) if data.features else None
     val_cache = FeatureCache.open(data.val_features) if data.val_features else None
-    if train_cache is not None:  # no backbone activations to make room for: keep the memory
-        model.decoder.checkpoint_memory = False
+    recompute = cfg.recompute_memory
+    if recompute is None and train_cache is not None:  # no backbone activations to make room for
+        recompute = False
+    if recompute is not None:
+        model.decoder.checkpoint_memory = recompute
     caches = [c for c in (train_cache, val_cache) if c is not None]
     if caches:
-        fingerprint = backbone_fingerprint(model.backbone)  # hashes every backbone weight: once
+        fingerprint = model.backbone_fingerprint()  # hashes every backbone weight: once
         for cache in caches:
             cache.check_model(model, fingerprint)
     config_dict = write_run_files(run_dir, run, built.payload, classes, write=env.is_main)
@@ -252,12 +258,16 @@ def _train(
 
     optimizer = build_method_optimizer(model, run)
     scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    compute_dtype = resolve_precision(cfg.precision, dev)
+    # float16 gradients underflow: the loss is scaled up before backward and the gradients down before
+    # the update (a step whose gradients overflowed is skipped and the scale lowered).
+    scaler = torch.amp.GradScaler(dev.type, enabled=needs_grad_scaler(compute_dtype))
     start = 0
     checkpoint_path = find_resumable(run_dir) if resume == "auto" else resume
     if checkpoint_path:
         checkpoint = load_checkpoint(checkpoint_path, expected_config={"model": config_dict["model"]})
         model.load_trainable_state_dict(checkpoint.model_state, source=str(checkpoint.path))
-        restore_train_state(checkpoint.train_state, optimizer, scheduler)
+        restore_train_state(checkpoint.train_state, optimizer, scheduler, scaler)
         start = checkpoint.step
         print(f"resumed from {checkpoint.path} at step {start}")
     elif cfg.init_from:
@@ -282,13 +292,12 @@ def _train(
         sampler=StreamSampler(
             start * cfg.batch_size, (cfg.steps - start) * cfg.batch_size, env.rank, env.world_size
         ),
-        num_workers=data.num_workers,
         collate_fn=collate,
         # Its own generator: creating the iterator must not draw from the global RNG, or a resumed run
         # (which creates it after restoring the RNG state) would see other dropout masks.
         generator=torch.Generator().manual_seed(cfg.seed),
-        pin_memory=dev.type == "cuda",
         drop_last=False,
+        **loader_options(dev, data.num_workers),
     )
     batches = iter(loader)
     metrics_csv = run_dir / "metrics.csv"
@@ -300,7 +309,8 @@ def _train(
     for step in range(start + 1, cfg.steps + 1):
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        # The step's loss stays on the device (no copy to the host per micro-batch): one read per step.
+        loss_sum = torch.zeros((), device=dev)
         for micro in range(cfg.batch_split):
             batch = next(batches)
             if batch["skipped"]:
@@ -314,15 +324,20 @@ def _train(
             # Gradients are exchanged once per step, after the last micro-batch.
             last = micro == cfg.batch_split - 1
             sync = step_model.no_sync() if env.enabled and not last else contextlib.nullcontext()
-            with sync:
-                with autocast_for(cfg.precision, dev):
-                    logits = step_model(inputs)
-                loss = (
-                    F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-                    / cfg.batch_split
-                )
-                loss.backward()
-            loss_sum += loss.detach().double().cpu()
+            try:
+                with sync:
+                    with autocast(compute_dtype, dev):
+                        logits = step_model(inputs)
+                    loss = (
+                        F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+                        / cfg.batch_split
+                    )
+                    scaler.scale(loss).backward()
+            except torch.OutOfMemoryError:
+                raise DeviceOutOfMemory(
+                    "training", cfg.batch_size, micro_batch, batch_split=cfg.batch_split
+                ) from None
+            loss_sum += loss.detach()
             del batch, inputs, logits, loss  # this micro-batch's memory is free before the next one
         loss_value = mean_over_processes(env, loss_sum)
         if not math.isfinite(loss_value):
@@ -334,7 +349,8 @@ def _train(
             tqdm.write(f"warning: loss {loss_value} at step {step}: update skipped", file=sys.stderr)
             optimizer.zero_grad(set_to_none=True)
         else:
-            optimizer.step()
+            scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
+            scaler.update()
         scheduler.step()
         lr = optimizer.param_groups[0]["lr"]
         rows = [(step, "train", "loss", loss_value), (step, "train", "lr", lr)]
@@ -344,7 +360,9 @@ def _train(
             rows.append((step, "train", "clips_per_s", clips_per_s))
         if (val_entries or val_cache) and (step % cfg.eval_every == 0 or step == cfg.steps):
             if val_cache is not None:
-                evaluation = evaluate_cached(model, val_cache, batch_size=micro_batch, progress=progress)
+                evaluation = evaluate_cached(
+                    model, val_cache, batch_size=micro_batch, progress=progress, num_workers=data.num_workers
+                )
             else:
                 evaluation = evaluate_sharded(
                     env, model, val_entries, data, batch_size=max(1, micro_batch // 2), progress=progress
@@ -363,7 +381,12 @@ def _train(
         for _, split, name, value in rows:
             writer.add_scalar(f"{split}/{name}", value, step)
         if env.is_main and (step % cfg.save_every == 0 or step == cfg.steps):
-            train_state = make_train_state(optimizer, scheduler, data={"position": step * cfg.batch_size})
+            train_state = make_train_state(
+                optimizer,
+                scheduler,
+                scaler if scaler.is_enabled() else None,
+                {"position": step * cfg.batch_size},
+            )
             save_checkpoint(
                 run_dir, step, model.trainable_state_dict(), train_state, config_dict, cfg.keep_last
             )
