@@ -16,9 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -43,7 +41,10 @@ from evl.engine.distributed import (
     barrier,
     device_for,
     init_distributed,
+    mean_over_processes,
+    rank_seed,
     shutdown,
+    wrap_ddp,
 )
 from evl.engine.evaluate import EvalSummary, Evaluation, eval_sampling, evaluate
 from evl.engine.features import BACKBONE_FILE as CACHE_BACKBONE_FILE
@@ -238,6 +239,8 @@ def _train(
     built = build_model(run, run_dir, classes, seed=cfg.seed)
     if env.is_main:
         barrier(env)
+    if not env.is_main:  # the model is built alike everywhere; dropout masks differ between processes
+        torch.manual_seed(rank_seed(cfg.seed, env))
     configure_device(dev, tf32=cfg.tf32)
     model = built.model.to(dev)
     train_cache = FeatureCache.open(data.features) if data.features else None
@@ -269,6 +272,9 @@ def _train(
         model.load_trainable_state_dict(checkpoint.model_state, source=str(checkpoint.path))
         restore_train_state(checkpoint.train_state, optimizer, scheduler, scaler)
         start = checkpoint.step
+        if not env.is_main:
+            # Every process restored rank 0's saved random state: the others start their own stream again.
+            torch.manual_seed(rank_seed(cfg.seed + start, env))
         print(f"resumed from {checkpoint.path} at step {start}")
     elif cfg.init_from:
         initialise_from(model, cfg.init_from)
@@ -277,9 +283,7 @@ def _train(
         print(f"{run_dir}: already trained for {start} steps")
         return TrainResult(run_dir, start, float("nan"), None)
     # Gradients are averaged over processes for the trainable parameters only (DDP skips frozen ones).
-    step_model: torch.nn.Module = model
-    if env.enabled:
-        step_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    step_model = wrap_ddp(model, env)
     if cfg.compile:
         step_model = torch.compile(step_model)  # checkpoints keep saving ``model`` itself
 
@@ -333,7 +337,7 @@ def _train(
                         / cfg.batch_split
                     )
                     scaler.scale(loss).backward()
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on: the same class
                 raise DeviceOutOfMemory(
                     "training", cfg.batch_size, micro_batch, batch_split=cfg.batch_split
                 ) from None
@@ -423,16 +427,6 @@ def _evaluate_untrained(
                 )
     barrier(env)
     return TrainResult(run_dir, 0, float("nan"), evaluation)
-
-
-def mean_over_processes(env: DistEnv, value: torch.Tensor) -> float:
-    """The step's loss averaged over processes (a non-finite loss anywhere makes it non-finite everywhere,
-    so every process takes the same decision to stop or skip)."""
-    if env.enabled:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= env.world_size
-    return float(value)
 
 
 def evaluate_sharded(
