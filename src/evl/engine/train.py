@@ -61,6 +61,7 @@ from evl.engine.optim import allocate_adamw_state, build_scheduler
 from evl.engine.plots import plot_training_curves
 from evl.engine.run import write_run_files
 from evl.engine.train_state import make_train_state, restore_train_state
+from evl.models.evl import EVL
 from evl.video.dataset import StreamSampler, TrainClips, collate_train
 from evl.video.lists import VideoEntry, read_class_names, read_list
 from evl.video.transforms import TransformConfig, build_train_transform
@@ -249,6 +250,10 @@ def _train(
     if recompute is None and train_cache is not None:  # no backbone activations to make room for
         recompute = False
     if recompute is not None:
+        if not isinstance(model, EVL):
+            raise ValueError(
+                f"train.recompute_memory applies to EVL's decoder, not to --method {run.method.name}"
+            )
         model.decoder.checkpoint_memory = recompute
     caches = [c for c in (train_cache, val_cache) if c is not None]
     if caches:
