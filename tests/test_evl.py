@@ -12,23 +12,22 @@ import evl
 from conftest import FIXTURES
 from evl.models.evl import (
     EVL,
-    MEMORY_PIECES,
-    MIN_GROUP_ROWS,
     DecoderAttention,
-    FrameFeatures,
     TemporalConv,
     TemporalCrossAttention,
     TemporalPosEmbed,
-    aggregate_relative,
-    aggregate_relative_gather,
-    attend_memory,
-    cross_frame_attention,
-    frame_features,
-    relative_position_index,
-    relative_query_groups,
     temporal_residual,
 )
+from evl.models.frame_features import FrameFeatures, cross_frame_attention, frame_features
 from evl.models.layers import LayerNorm
+from evl.models.ops.attention import MEMORY_PIECES, attend_memory
+from evl.models.ops.relative import (
+    MIN_GROUP_ROWS,
+    aggregate_relative,
+    aggregate_relative_gather,
+    relative_position_index,
+    relative_query_groups,
+)
 from evl.models.registry import load_official_checkpoint
 from evl_oracle import evl_logits
 from factories import (

@@ -52,7 +52,7 @@ def test_grouped_aggregation_costs_little_more_than_the_gathered_table(num_maps,
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from evl.models.evl import aggregate_relative, aggregate_relative_gather, relative_position_index
+    from evl.models.ops.relative import aggregate_relative, aggregate_relative_gather, relative_position_index
 
     def flops(fn, *args):
         with torch.device("meta"), FlopCounterMode(display=False) as counter:

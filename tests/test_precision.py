@@ -19,10 +19,10 @@ from evl.models.evl import (
     TemporalConv,
     TemporalCrossAttention,
     TemporalPosEmbed,
-    attend_memory,
     temporal_residual,
 )
 from evl.models.layers import LayerNorm
+from evl.models.ops.attention import attend_memory
 from evl.synth import make_dataset
 from factories import random_maps, randomize_, tiny_config
 

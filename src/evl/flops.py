@@ -4,7 +4,7 @@ Counts come from PyTorch's flop counter (matrix products, convolutions and atten
 FLOPs per multiply-add; the video-recognition papers (EVL, X-CLIP, ViFi-CLIP) count one multiply-add as
 one FLOP, so :class:`FlopReport` gives both conventions. The temporal cross-attention is counted in the
 paper's formulation (an einsum with the gathered relative-position table): the model itself computes the
-same result group by group of queries (:class:`evl.models.evl.RelativeAggregation`), without the
+same result group by group of queries (:class:`evl.models.ops.relative.RelativeAggregation`), without the
 [P, P, C] table and with a few percent more multiply-adds (7% for ViT-B/16 at batch 2).
 """
 
@@ -16,7 +16,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from evl.config import ModelConfig
-from evl.models.evl import EVL, DecoderAttention, TemporalCrossAttention, frame_features
+from evl.models.evl import EVL, DecoderAttention, TemporalCrossAttention
+from evl.models.frame_features import frame_features
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,64 @@
+"""What EVL's decoder reads from the frozen backbone: block outputs and the cross-frame attention maps made
+from the blocks' q and k (a feature cache stores exactly these)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from evl.models.clip_vit import BlockFeatures
+
+
+class FrameFeatures(NamedTuple):
+    """What the decoder reads from one backbone block, once the frozen part is computed.
+
+    ``out``: block output [B, T, L, C]. ``attn``: head-averaged cross-frame attention maps between adjacent
+    frames over the patch tokens, [B, 2, T-1, P, P] (index 0: frame t+1 attending to frame t, i.e. each
+    frame to its previous one; index 1: frame t attending to frame t+1), or None when T = 1. These maps depend
+    only on the frozen backbone, so a feature cache stores them instead of the much larger q and k.
+    """
+
+    out: torch.Tensor
+    attn: torch.Tensor | None
+
+
+def cross_frame_attention(
+    q: torch.Tensor, k: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Frozen q, k [B, T, L, H, Dh] (CLS first) -> head-averaged maps [B, 2, T-1, P, P] (None when T = 1),
+    written into ``out`` when given.
+
+    A = mean over heads of softmax(q_t k_s^T / sqrt(Dh)) over the patch tokens, for s = t-1 and s = t+1.
+    One frame pair at a time: the [B, H, P, P] scores of a pair are a few MiB, of all pairs tens.
+    """
+    b, t, length, _, _ = q.shape
+    if t < 2:
+        return None
+    if out is None:
+        out = q.new_empty(b, 2, t - 1, length - 1, length - 1, dtype=torch.float32)
+    for pair in range(t - 1):
+        out[:, 0, pair] = _head_averaged_attention(q[:, pair + 1], k[:, pair])
+        out[:, 1, pair] = _head_averaged_attention(q[:, pair], k[:, pair + 1])
+    return out
+
+
+def _head_averaged_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q, k [B, L, H, Dh] of two frames -> [B, P, P]: softmax(q k^T / sqrt(Dh)) over patches, head mean."""
+    q = q[:, 1:].transpose(1, 2).float() * q.shape[-1] ** -0.5  # [B, H, P, Dh], CLS dropped
+    k = k[:, 1:].transpose(1, 2).float()
+    return (q @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
+
+
+def frame_features(block: BlockFeatures, with_attention: bool = True) -> FrameFeatures:
+    """Backbone block features (out [B, T, L, C], q/k [B, T, L, H, Dh]) -> :class:`FrameFeatures`."""
+    return FrameFeatures(block.out, cross_frame_attention(block.q, block.k) if with_attention else None)
+
+
+def write_block(block: BlockFeatures, target: FrameFeatures, rows: slice, num_frames: int) -> None:
+    """Backbone features of clips ``rows`` (out [N, L, C], q/k [N, L, H, Dh], N = clips x frames) into
+    ``target``'s out and attention maps."""
+    target.out[rows] = block.out.unflatten(0, (-1, num_frames))
+    if target.attn is not None:
+        q, k = (x.unflatten(0, (-1, num_frames)) for x in (block.q, block.k))
+        cross_frame_attention(q, k, out=target.attn[rows])
