@@ -14,9 +14,12 @@ test: install
 test-all: install
 	$(PYTHON) -m pytest -q -m ""
 
+# lint-imports (the layer contracts in pyproject.toml) runs through $(PYTHON), whose scripts need not be on
+# PATH; --no-cache leaves no cache folder in the tree.
 lint: install
 	$(PYTHON) -m ruff check src tests benchmarks
 	$(PYTHON) -m ruff format --check src tests benchmarks
+	$(PYTHON) -c "from importlinter.cli import lint_imports_command; lint_imports_command()" --no-cache
 
 demo: install
 	$(PYTHON) -m evl demo

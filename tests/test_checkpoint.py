@@ -11,8 +11,6 @@ from torch import nn
 
 from evl.engine.checkpoint import (
     CheckpointError,
-    atomic_path,
-    atomic_write_text,
     checkpoint_dir,
     find_resumable,
     list_checkpoints,
@@ -210,12 +208,3 @@ def test_tied_weights_are_saved(tmp_path):
     state = load_checkpoint(tmp_path).model_state
     assert state["a"].tolist() == state["b"].tolist() == list(range(6))
     assert state["c"].tolist() == [2.0, 3.0, 4.0, 5.0]
-
-
-def test_atomic_write_keeps_old_content_on_failure(tmp_path):
-    target = atomic_write_text(tmp_path / "notes.txt", "old")
-    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
-        tmp.write_text("half")
-        raise RuntimeError("killed")
-    assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -17,10 +17,9 @@ from evl.cli import main
 from evl.config import MethodConfig
 from evl.engine.checkpoint import list_checkpoints, load_checkpoint
 from evl.engine.methods import set_classes, templates_for
-from evl.engine.metrics import read_scores
+from evl.engine.metrics import harmonic_mean, read_scores
 from evl.engine.run import load_run, zeroshot_run
 from evl.models.registry import clip_state_dict, create_clip
-from evl.splits import harmonic_mean
 from evl.synth import make_dataset
 from evl.tokenizer import default_tokenizer
 from evl.video.lists import read_list, write_class_names, write_list

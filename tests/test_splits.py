@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 
-import numpy as np
 import pytest
-import torch
 
 from evl.splits import (
     base_novel,
-    base_novel_accuracy,
     base_novel_from_names,
     few_shot,
-    harmonic_mean,
     write_base_novel_lists,
     write_few_shot_lists,
 )
@@ -154,58 +149,6 @@ def test_base_novel_from_names_keeps_their_order():
         base_novel_from_names(classes, ["swim"])
     with pytest.raises(ValueError, match="same class twice"):
         base_novel_from_names(classes, ["wave", "wave"])
-
-
-# ------------------------------------------------------------------------------------------- metrics
-
-
-def test_harmonic_mean_values():
-    assert harmonic_mean(76.4, 61.1) == pytest.approx(67.899, abs=1e-3)  # ViFi-CLIP K400: HM 67.9
-    assert harmonic_mean(50.0, 50.0) == 50.0
-    assert harmonic_mean(100.0, 0.0) == 0.0
-    assert harmonic_mean(0.0, 0.0) == 0.0
-    assert harmonic_mean(0.8, 0.4) == pytest.approx(0.64 / 1.2)
-    with pytest.raises(ValueError):
-        harmonic_mean(-1.0, 10.0)
-
-
-def test_base_novel_accuracy_restricts_classes():
-    # Classes 0, 1 base; 2, 3 novel. Columns chosen so that the global argmax and the subset argmax differ.
-    scores = np.array(
-        [
-            [0.9, 0.1, 5.0, 0.0],  # base video, label 0: globally class 2, among base class 0 -> right
-            [0.9, 0.1, 0.0, 0.0],  # label 1 -> predicted 0, wrong
-            [0.0, 0.2, 0.1, 0.0],  # label 1 -> right
-            [0.0, 0.0, 0.3, 0.7],  # novel, label 3 -> right
-            [9.0, 0.0, 0.3, 0.2],  # label 2: globally class 0, among novel class 2 -> right
-            [0.0, 0.0, 0.1, 0.2],  # label 2 -> predicted 3, wrong
-            [0.0, 0.0, 0.5, 0.5],  # label 3, tie -> the lower id (2), wrong
-            [0.0, 0.0, 0.0, 0.0],  # label 4: neither subset -> ignored
-        ]
-    )
-    scores = np.pad(scores, ((0, 0), (0, 1)))
-    labels = np.array([0, 1, 1, 3, 2, 2, 3, 4])
-    result = base_novel_accuracy(scores, labels, [0, 1], [2, 3])
-    assert result["base"] == pytest.approx(200 / 3)
-    assert result["novel"] == pytest.approx(50.0)
-    assert result["hm"] == pytest.approx(harmonic_mean(200 / 3, 50.0))
-    # Tensors are accepted, and the subset order does not matter (not even for ties).
-    again = base_novel_accuracy(torch.tensor(scores), torch.tensor(labels), [1, 0], [3, 2])
-    assert again["base"] == pytest.approx(200 / 3)
-    assert again["novel"] == pytest.approx(50.0)
-
-
-def test_base_novel_accuracy_nan_and_errors():
-    labels = np.array([0, 1, 0, 1])
-    scores = np.eye(4)[labels]
-    result = base_novel_accuracy(scores, labels, [0, 1], [2, 3])
-    assert result["base"] == 100.0 and math.isnan(result["novel"]) and math.isnan(result["hm"])
-    with pytest.raises(ValueError, match="both base and novel"):
-        base_novel_accuracy(scores, labels, [0, 1], [1, 2])
-    with pytest.raises(ValueError, match=r"class ids must be in 0\.\.3"):
-        base_novel_accuracy(scores, labels, [0, 1], [4])
-    with pytest.raises(ValueError, match=r"expected scores \[N, K\]"):
-        base_novel_accuracy(scores, labels[:3], [0, 1], [2, 3])
 
 
 # ----------------------------------------------------------------------------------------------- files

@@ -286,8 +286,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from evl.engine.checkpoint import atomic_write_text
     from evl.engine.evaluate import evaluate, evaluate_base_novel, write_evaluation
+    from evl.io import atomic_write_text
     from evl.video.lists import read_list
 
     loaded = _load_source(args)
@@ -505,7 +505,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from evl.bench import BenchConfig, run_bench
-    from evl.engine.checkpoint import atomic_write_text
+    from evl.io import atomic_write_text
 
     bench = BenchConfig(
         model=args.model,

@@ -11,10 +11,10 @@ import json
 import time
 from pathlib import Path
 
-from evl.engine.checkpoint import atomic_write_text
 from evl.engine.evaluate import evaluate, write_evaluation
 from evl.engine.run import load_run
 from evl.engine.train import train
+from evl.io import atomic_write_text
 from evl.recipes import build_run_config
 from evl.synth import SynthDataset, class_names, flip_label_map, make_dataset
 from evl.video.lists import read_list, resolve_path

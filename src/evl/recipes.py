@@ -37,7 +37,7 @@ from evl.config import (
     run_config_from_dict,
     to_dict,
 )
-from evl.engine.checkpoint import atomic_write_text
+from evl.io import atomic_write_text
 
 __all__ = [
     "SECTIONS",

@@ -1,4 +1,4 @@
-"""Few-shot and base-to-novel splits (the ViFi-CLIP / X-CLIP protocols), and their accuracies.
+"""Few-shot and base-to-novel splits (the ViFi-CLIP / X-CLIP protocols) of video lists.
 
 Every draw is a pure function of a seed and the video paths (or class names): an item's rank is the SHA-256
 of ``"{seed}:{path}"``, so a split is the same on every platform and NumPy version, does not depend on the
@@ -10,6 +10,9 @@ Subset lists are written with labels re-indexed to the subset (base labels 0..B-
 0..N-1), each with its own class-names file, exactly as the reference's ``fs_base_s*_train.txt``,
 ``base_val.txt``, ``novel_val.txt`` and ``*_base_labels.csv`` / ``*_novel_labels.csv`` pairs: a list and
 its class file then train and evaluate like any other dataset. ``split.json`` keeps the global ids.
+
+This module only reads and writes lists (it sits with :mod:`evl.video`); the base-to-novel accuracies and
+their harmonic mean are metrics, in :mod:`evl.engine.metrics`.
 """
 
 from __future__ import annotations
@@ -22,18 +25,13 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from evl.video.lists import VideoEntry, read_class_names, read_list, write_class_names, write_list
 
 __all__ = [
     "base_novel",
-    "base_novel_accuracy",
     "base_novel_from_names",
     "few_shot",
-    "harmonic_mean",
     "write_base_novel_lists",
     "write_few_shot_lists",
 ]
@@ -162,57 +160,6 @@ def base_novel_from_names(
         raise ValueError(f"need 1..{len(class_names) - 1} base classes, got {len(base)}")
     chosen = set(base)
     return base, [i for i in range(len(class_names)) if i not in chosen]
-
-
-def harmonic_mean(base_acc: float, novel_acc: float) -> float:
-    """HM = 2ab / (a + b), the base-to-novel summary; 0 when both are 0. Any unit (percent or fraction)."""
-    if base_acc < 0 or novel_acc < 0:
-        raise ValueError(f"accuracies must be non-negative, got {base_acc} and {novel_acc}")
-    total = base_acc + novel_acc
-    return 0.0 if total == 0 else 2.0 * base_acc * novel_acc / total
-
-
-def _numpy(x: Any, dtype: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor, without importing torch here
-        x = x.detach().cpu().float().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
-
-
-def _subset_accuracy(scores: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> float:
-    """Top-1 in percent of the videos of classes ``ids``, choosing among ``ids`` only (NaN if none)."""
-    rows = np.isin(labels, ids)
-    if not rows.any():
-        return float("nan")
-    preds = ids[scores[rows][:, ids].argmax(axis=1)]  # [n]
-    return float(100.0 * np.mean(preds == labels[rows]))
-
-
-def base_novel_accuracy(
-    scores: Any, labels: Any, base_ids: Sequence[int], novel_ids: Sequence[int]
-) -> dict[str, float]:
-    """Base, novel and harmonic-mean top-1 (percent) from scores over all classes.
-
-    ``scores`` [N, K] and ``labels`` [N] use global class ids. As in ViFi-CLIP, base videos are classified
-    among the base classes only and novel videos among the novel classes only (videos of other classes
-    are ignored). For CLIP-style models, whose per-class logits do not depend on the other classes, this
-    equals evaluating the base and novel subsets separately.
-    """
-    scores, labels = _numpy(scores, np.float64), _numpy(labels, np.int64)
-    if scores.ndim != 2 or labels.shape != (scores.shape[0],):
-        raise ValueError(f"expected scores [N, K] and labels [N], got {scores.shape} and {labels.shape}")
-    # Sorted, so that a tie goes to the lower class id whatever order the ids come in (as top-k does).
-    base, novel = np.unique(np.asarray(base_ids, np.int64)), np.unique(np.asarray(novel_ids, np.int64))
-    if len(base) == 0 or len(novel) == 0:
-        raise ValueError("base_ids and novel_ids must both be non-empty")
-    if np.intersect1d(base, novel).size:
-        raise ValueError(f"classes {np.intersect1d(base, novel).tolist()[:5]} are both base and novel")
-    both = np.concatenate([base, novel])
-    if both.min() < 0 or both.max() >= scores.shape[1]:
-        raise ValueError(f"class ids must be in 0..{scores.shape[1] - 1} for scores with that many columns")
-    base_acc = _subset_accuracy(scores, labels, base)
-    novel_acc = _subset_accuracy(scores, labels, novel)
-    hm = float("nan") if math.isnan(base_acc) or math.isnan(novel_acc) else harmonic_mean(base_acc, novel_acc)
-    return {"base": base_acc, "novel": novel_acc, "hm": hm}
 
 
 # ----------------------------------------------------------------------------------------------- files

@@ -21,10 +21,8 @@ index), so its pixels do not depend on the number of worker processes.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,6 +30,7 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
+from evl.io import atomic_write_text
 from evl.video.encode import write_video
 
 Task = Literal["motion", "shapes", "mixed"]
@@ -287,8 +286,8 @@ def make_dataset(
 
     lists = {split: root / f"{split}.txt" for split in SPLITS}
     for split, path in lists.items():
-        _write_lines_atomic(path, (f"{relpath} {label}" for relpath, label, _ in entries[split]))
-    classes_file = _write_lines_atomic(root / "classes.txt", classes)
+        atomic_write_text(path, "".join(f"{relpath} {label}\n" for relpath, label, _ in entries[split]))
+    classes_file = atomic_write_text(root / "classes.txt", "".join(f"{name}\n" for name in classes))
     return SynthDataset(root, task, classes, lists["train"], lists["val"], classes_file)
 
 
@@ -327,21 +326,6 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     re-import ``__main__``, which fails for scripts read from stdin.
     """
     return multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-
-
-def _write_lines_atomic(path: Path, lines: Iterable[str]) -> Path:
-    """Write ``lines`` to ``path`` via a temporary file and a rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates the file owner-only; list files are meant to be read by all
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.writelines(f"{line}\n" for line in lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _check_at_least(minimum: int, **values: int) -> None:

@@ -16,15 +16,12 @@ checkpoint that ``latest`` names is always complete. One writer per run director
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
-import secrets
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from evl.io import atomic_path, atomic_write_text
+
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 WEIGHTS_SUFFIX = ".safetensors"
@@ -40,6 +39,7 @@ STATE_SUFFIX = ".state.pt"
 FORMAT = "evl.checkpoint.v1"
 
 _NAME_RE = re.compile(r"step-(\d+)")
+# The temporary files that evl.io.atomic_path names, for the files checkpoints write.
 _TEMP_RE = re.compile(r"\.(step-\d+(\.safetensors|\.state\.pt)|latest)\.[0-9a-f]+-[0-9a-f]+\.tmp")
 
 
@@ -56,63 +56,6 @@ class Checkpoint:
     train_state: dict[str, Any]
     config: dict[str, Any]
     path: Path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (POSIX only; other systems cannot open a directory)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; on a clean exit it replaces ``path`` durably.
-
-    The body writes the temporary file by any means (``torch.save``, ``save_file``, ...). Then the file is
-    fsynced, renamed onto ``path`` and the directory fsynced. On an exception the temporary file is removed
-    and ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid():x}-{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync of the directory)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically; see :func:`atomic_write_bytes`."""
-    return atomic_write_bytes(path, text.encode(encoding))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,12 +20,18 @@ from tqdm.auto import tqdm
 
 from evl.config import DataConfig, MethodConfig
 from evl.devices import DeviceOutOfMemory
-from evl.engine.checkpoint import atomic_write_text
 from evl.engine.loading import loader_options
 from evl.engine.methods import inference_context, set_classes
-from evl.engine.metrics import EvalResult, average_views, confusion_matrix, label_ranks, write_scores
+from evl.engine.metrics import (
+    EvalResult,
+    average_views,
+    confusion_matrix,
+    harmonic_mean,
+    label_ranks,
+    write_scores,
+)
 from evl.engine.plots import plot_confusion_matrix
-from evl.splits import harmonic_mean
+from evl.io import atomic_write_text
 from evl.video.dataset import EvalClips, collate_eval
 from evl.video.lists import VideoEntry, read_class_names, read_list
 from evl.video.sampling import SamplingConfig

@@ -1,7 +1,8 @@
 """A feature cache: the frozen backbone run once, so decoders train without it.
 
 With a frozen backbone, what the decoder reads from a clip is a constant of that clip: each feeding block's
-output and the head-averaged attention maps between adjacent frames (:class:`evl.models.evl.FrameFeatures`).
+output and the head-averaged attention maps between adjacent frames
+(:class:`evl.models.frame_features.FrameFeatures`).
 ``evl extract`` runs the backbone once over one fixed, non-augmented view per video (the centre clip, the
 centre crop) and stores exactly that, in float16, memory-mapped:
 
@@ -34,7 +35,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from evl.config import RunConfig, VisionConfig, to_dict
-from evl.engine.checkpoint import atomic_write_text
 from evl.engine.evaluate import (
     EvalSummary,
     Evaluation,
@@ -44,6 +44,7 @@ from evl.engine.evaluate import (
     forward_or_none,
 )
 from evl.engine.loading import loader_options
+from evl.io import atomic_write_text
 from evl.models.evl import EVL, FrameFeatures
 from evl.video.dataset import EvalClips, StreamOrder, collate_eval
 from evl.video.lists import VideoEntry

@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from evl.config import VISION_PRESETS, MethodConfig, ModelConfig, RunConfig, to_dict, vision_preset
-from evl.engine.checkpoint import atomic_path
 from evl.engine.optim import adamw, build_optimizer
+from evl.io import atomic_path
 from evl.models.clip_text import TEXT_PRESETS
 from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.evl import EVL

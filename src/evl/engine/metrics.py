@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from evl.engine.checkpoint import atomic_write_text
+from evl.io import atomic_write_text
 
 
 def _numpy(x: Any, dtype: Any = None) -> np.ndarray:
@@ -126,6 +127,55 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, float | int]:
         return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Base-to-novel (the ViFi-CLIP protocol)
+
+
+def harmonic_mean(base_acc: float, novel_acc: float) -> float:
+    """HM = 2ab / (a + b), the base-to-novel summary; 0 when both are 0. Any unit (percent or fraction)."""
+    if base_acc < 0 or novel_acc < 0:
+        raise ValueError(f"accuracies must be non-negative, got {base_acc} and {novel_acc}")
+    total = base_acc + novel_acc
+    return 0.0 if total == 0 else 2.0 * base_acc * novel_acc / total
+
+
+def _subset_accuracy(scores: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> float:
+    """Top-1 in percent of the videos of classes ``ids``, choosing among ``ids`` only (NaN if none)."""
+    rows = np.isin(labels, ids)
+    if not rows.any():
+        return float("nan")
+    preds = ids[scores[rows][:, ids].argmax(axis=1)]  # [n]
+    return float(100.0 * np.mean(preds == labels[rows]))
+
+
+def base_novel_accuracy(
+    scores: Any, labels: Any, base_ids: Sequence[int], novel_ids: Sequence[int]
+) -> dict[str, float]:
+    """Base, novel and harmonic-mean top-1 (percent) from scores over all classes.
+
+    ``scores`` [N, K] and ``labels`` [N] use global class ids. As in ViFi-CLIP, base videos are classified
+    among the base classes only and novel videos among the novel classes only (videos of other classes
+    are ignored). For CLIP-style models, whose per-class logits do not depend on the other classes, this
+    equals evaluating the base and novel subsets separately.
+    """
+    scores, labels = _numpy(scores, np.float64), _numpy(labels, np.int64)
+    if scores.ndim != 2 or labels.shape != (scores.shape[0],):
+        raise ValueError(f"expected scores [N, K] and labels [N], got {scores.shape} and {labels.shape}")
+    # Sorted, so that a tie goes to the lower class id whatever order the ids come in (as top-k does).
+    base, novel = np.unique(np.asarray(base_ids, np.int64)), np.unique(np.asarray(novel_ids, np.int64))
+    if len(base) == 0 or len(novel) == 0:
+        raise ValueError("base_ids and novel_ids must both be non-empty")
+    if np.intersect1d(base, novel).size:
+        raise ValueError(f"classes {np.intersect1d(base, novel).tolist()[:5]} are both base and novel")
+    both = np.concatenate([base, novel])
+    if both.min() < 0 or both.max() >= scores.shape[1]:
+        raise ValueError(f"class ids must be in 0..{scores.shape[1] - 1} for scores with that many columns")
+    base_acc = _subset_accuracy(scores, labels, base)
+    novel_acc = _subset_accuracy(scores, labels, novel)
+    hm = float("nan") if math.isnan(base_acc) or math.isnan(novel_acc) else harmonic_mean(base_acc, novel_acc)
+    return {"base": base_acc, "novel": novel_acc, "hm": hm}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from evl.engine.checkpoint import atomic_write_bytes
+from evl.io import atomic_write_bytes
 
 MAX_TICK_LABELS = 40  # beyond this many classes the labels overlap into a grey band
 MAX_CELL_TEXT = 12  # print the value in each cell up to this many classes

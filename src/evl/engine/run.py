@@ -36,8 +36,9 @@ from evl.config import (
     to_dict,
 )
 from evl.devices import configure_device, pick_device
-from evl.engine.checkpoint import atomic_write_text, load_checkpoint
+from evl.engine.checkpoint import load_checkpoint
 from evl.engine.methods import BACKBONE_FILE, build_model, has_trainable_parameters
+from evl.io import atomic_write_text
 from evl.video.lists import read_class_names
 
 __all__ = [

@@ -29,12 +29,7 @@ from evl.devices import (
     pick_device,
     resolve_precision,
 )
-from evl.engine.checkpoint import (
-    atomic_write_text,
-    find_resumable,
-    load_checkpoint,
-    save_checkpoint,
-)
+from evl.engine.checkpoint import find_resumable, load_checkpoint, save_checkpoint
 from evl.engine.distributed import (
     DistEnv,
     all_gather_objects,
@@ -61,6 +56,7 @@ from evl.engine.optim import allocate_adamw_state, build_scheduler
 from evl.engine.plots import plot_training_curves
 from evl.engine.run import write_run_files
 from evl.engine.train_state import make_train_state, restore_train_state
+from evl.io import atomic_write_text
 from evl.models.evl import EVL
 from evl.video.dataset import StreamSampler, TrainClips, collate_train
 from evl.video.lists import VideoEntry, read_class_names, read_list

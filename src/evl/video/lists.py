@@ -11,10 +11,11 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from evl.io import atomic_write_text
 
 __all__ = [
     "ListFileError",
@@ -120,7 +121,7 @@ def write_list(path: PathLike, entries: Iterable[VideoEntry]) -> None:
         for entry in entries:
             _check_plain_path(entry.path)
         text = "".join(f"{entry.path} {entry.label}\n" for entry in entries)
-    _atomic_write_text(path, text, errors="surrogateescape")  # file names that are not UTF-8 round-trip
+    atomic_write_text(path, text, errors="surrogateescape")  # file names that are not UTF-8 round-trip
 
 
 def _plain_rows(path: PathLike, lines: Sequence[str]) -> Iterator[tuple[int, str, str]]:
@@ -242,7 +243,7 @@ def write_class_names(path: PathLike, names: Sequence[str]) -> None:
         text = json.dumps(names, ensure_ascii=False, indent=0) + "\n"
     else:
         text = "".join(f"{name}\n" for name in names)
-    _atomic_write_text(path, text)
+    atomic_write_text(path, text)
 
 
 def _names_from_lines(path: PathLike, text: str) -> list[str]:
@@ -395,17 +396,3 @@ _UTF16_32_BOMS = (
     (b"\xff\xfe", "UTF-16"),
     (b"\xfe\xff", "UTF-16"),
 )
-
-
-def _atomic_write_text(path: PathLike, text: str, errors: str = "strict") -> None:
-    """Write through a temporary file in the same folder, so readers never see a half-written file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors=errors, newline="\n") as file:
-            file.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
