@@ -6,6 +6,7 @@ import torch
 
 from evl.config import DecoderConfig, ModelConfig, VisionConfig
 from evl.models.evl import EVL
+from evl.synth import make_dataset
 
 # A transformers CLIP vision config with odd sizes, which expose swapped axes: width 48, 3 heads of 16,
 # MLP 37, a 5x5 grid.
@@ -223,3 +224,43 @@ def assert_same_outputs_and_grads(fast, slow, inputs, names, seed=1, tol=1e-5):
 
 def random_maps(*lead, patches, generator):
     return torch.randn(*lead, patches, patches, generator=generator).mul(3).softmax(-1)
+
+
+# ------------------------------------------------------------------ tiny synthetic datasets and commands
+
+TINY_BACKBONE = "random:ViT-T/16@112"
+
+
+def tiny_dataset(root, train_per_class: int = 2, val_per_class: int = 1, frames: int = 10, size: int = 48):
+    """Generated mp4 files of the motion task (4 classes), small enough for a test module to train on."""
+    return make_dataset(
+        root,
+        num_train_per_class=train_per_class,
+        num_val_per_class=val_per_class,
+        num_frames=frames,
+        size=size,
+        progress=False,
+    )
+
+
+def train_flags(
+    dataset, run_dir, *extra: str, steps: int = 2, batch_size: int = 4, val: bool = True
+) -> list[str]:
+    """``evl train`` arguments for a tiny synthetic ``dataset``: random ViT-T/16 at 112 px, 4 frames,
+    no loader workers, quiet. ``extra`` flags come last (a repeated flag takes the last value)."""
+    return [
+        "train",
+        "--data-root", str(dataset.root),
+        "--train-list", str(dataset.train_list),
+        *(["--val-list", str(dataset.val_list)] if val else []),
+        "--classes", str(dataset.classes_file),
+        "--backbone", TINY_BACKBONE,
+        "--num-frames", "4",
+        "--frame-stride", "2",
+        "--steps", str(steps),
+        "--batch-size", str(batch_size),
+        "--num-workers", "0",
+        "--output-dir", str(run_dir),
+        "--quiet",
+        *extra,
+    ]  # fmt: skip

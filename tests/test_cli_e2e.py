@@ -15,41 +15,20 @@ import pytest
 from evl.cli import main
 from evl.engine.checkpoint import list_checkpoints
 from evl.engine.metrics import read_scores
-from evl.synth import make_dataset
+from factories import tiny_dataset, train_flags
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    return make_dataset(
-        root, num_train_per_class=3, num_val_per_class=2, num_frames=10, size=48, progress=False
-    )
+    return tiny_dataset(tmp_path_factory.mktemp("synth"), train_per_class=3, val_per_class=2)
 
 
 def train_args(dataset, run_dir, steps=4, extra=()):
-    return [
-        "train",
-        "--data-root", str(dataset.root),
-        "--train-list", str(dataset.train_list),
-        "--val-list", str(dataset.val_list),
-        "--classes", str(dataset.classes_file),
-        "--backbone", "random:ViT-T/16@112",
-        "--set", "backbone.heads=3",
-        "--num-frames", "4",
-        "--frame-stride", "2",
-        "--steps", str(steps),
-        "--batch-size", "4",
-        "--batch-split", "2",
-        "--lr", "1e-3",
-        "--eval-every", "2",
-        "--save-every", "2",
-        "--num-workers", "0",
-        "--decoder-layers", "2",
-        "--set", "data.rand_augment=null",
-        "--output-dir", str(run_dir),
-        "--quiet",
-        *extra,
-    ]  # fmt: skip
+    return train_flags(
+        dataset, run_dir, "--set", "backbone.heads=3", "--batch-split", "2", "--lr", "1e-3",
+        "--eval-every", "2", "--save-every", "2", "--decoder-layers", "2", "--set", "data.rand_augment=null",
+        *extra, steps=steps,
+    )  # fmt: skip
 
 
 def test_train_eval_predict(dataset, tmp_path, capsys):

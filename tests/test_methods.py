@@ -20,41 +20,21 @@ from evl.engine.methods import set_classes, templates_for
 from evl.engine.metrics import harmonic_mean, read_scores
 from evl.engine.run import load_run, zeroshot_run
 from evl.models.registry import clip_state_dict, create_clip
-from evl.synth import make_dataset
 from evl.tokenizer import default_tokenizer
 from evl.video.lists import read_list, write_class_names, write_list
+from factories import tiny_dataset, train_flags
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    return make_dataset(
-        root, num_train_per_class=3, num_val_per_class=2, num_frames=10, size=48, progress=False
-    )
+    return tiny_dataset(tmp_path_factory.mktemp("synth"), train_per_class=3, val_per_class=2)
 
 
 def train_args(dataset, run_dir, method, steps=2, extra=()):
-    return [
-        "train",
-        "--method", method,
-        "--data-root", str(dataset.root),
-        "--train-list", str(dataset.train_list),
-        "--val-list", str(dataset.val_list),
-        "--classes", str(dataset.classes_file),
-        "--backbone", "random:ViT-T/16@112",
-        "--num-frames", "4",
-        "--frame-stride", "2",
-        "--steps", str(steps),
-        "--batch-size", "2",
-        "--lr", "1e-5",
-        "--eval-every", "2",
-        "--save-every", "1",
-        "--num-workers", "0",
-        "--set", "data.rand_augment=null",
-        "--output-dir", str(run_dir),
-        "--quiet",
-        *extra,
-    ]  # fmt: skip
+    return train_flags(
+        dataset, run_dir, "--method", method, "--lr", "1e-5", "--eval-every", "2", "--save-every", "1",
+        "--set", "data.rand_augment=null", *extra, steps=steps, batch_size=2,
+    )  # fmt: skip
 
 
 def _summary(capsys) -> dict:

@@ -9,35 +9,17 @@ import torch
 from evl.cli import main as cli_main
 from evl.engine.checkpoint import load_checkpoint
 from evl.models.evl import EVL
-from evl.synth import make_dataset
+from factories import tiny_dataset, train_flags
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    return make_dataset(
-        root, num_train_per_class=2, num_val_per_class=1, num_frames=8, size=48, progress=False
-    )
+    return tiny_dataset(tmp_path_factory.mktemp("synth"), frames=8)
 
 
 def train_args(dataset, run_dir, steps):
-    return [
-        "train",
-        "--data-root", str(dataset.root),
-        "--train-list", str(dataset.train_list),
-        "--classes", str(dataset.classes_file),
-        "--backbone", "random:ViT-T/16@112",
-        "--num-frames", "4",
-        "--frame-stride", "2",
-        "--steps", str(steps),
-        "--batch-size", "4",
-        "--batch-split", "2",
-        "--save-every", "1",
-        "--num-workers", "0",
-        "--decoder-layers", "1",
-        "--output-dir", str(run_dir),
-        "--quiet",
-    ]  # fmt: skip
+    extra = ("--batch-split", "2", "--save-every", "1", "--decoder-layers", "1")
+    return train_flags(dataset, run_dir, *extra, steps=steps, val=False)
 
 
 def test_out_of_memory_in_training_is_one_line_and_keeps_the_checkpoint(

@@ -23,8 +23,7 @@ from evl.models.evl import (
 )
 from evl.models.layers import LayerNorm
 from evl.models.ops.attention import attend_memory
-from evl.synth import make_dataset
-from factories import random_maps, randomize_, tiny_config
+from factories import random_maps, randomize_, tiny_config, tiny_dataset, train_flags
 
 # Relative L2 errors against float32, about 3x what this test measures (bf16 keeps 8 significant bits,
 # fp16 11): logits; each parameter's gradient, relative to its own norm or, for gradients that are
@@ -129,34 +128,14 @@ def test_unknown_precision_is_a_one_line_error():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    return make_dataset(
-        root, num_train_per_class=2, num_val_per_class=1, num_frames=8, size=48, progress=False
-    )
+    return tiny_dataset(tmp_path_factory.mktemp("synth"), frames=8)
 
 
 def train_args(dataset, run_dir, precision, steps=2):
-    return [
-        "train",
-        "--data-root", str(dataset.root),
-        "--train-list", str(dataset.train_list),
-        "--val-list", str(dataset.val_list),
-        "--classes", str(dataset.classes_file),
-        "--backbone", "random:ViT-T/16@112",
-        "--num-frames", "4",
-        "--frame-stride", "2",
-        "--steps", str(steps),
-        "--batch-size", "4",
-        "--batch-split", "2",
-        "--warmup-steps", "0",
-        "--eval-every", str(steps),
-        "--save-every", "1",
-        "--num-workers", "0",
-        "--decoder-layers", "2",
-        "--precision", precision,
-        "--output-dir", str(run_dir),
-        "--quiet",
-    ]  # fmt: skip
+    return train_flags(
+        dataset, run_dir, "--batch-split", "2", "--warmup-steps", "0", "--eval-every", str(steps),
+        "--save-every", "1", "--decoder-layers", "2", "--precision", precision, steps=steps,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])

@@ -14,41 +14,20 @@ import pytest
 import torch
 
 from evl.engine.checkpoint import list_checkpoints, load_checkpoint
-from evl.synth import make_dataset
+from factories import tiny_dataset, train_flags
 
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    return make_dataset(
-        root, num_train_per_class=2, num_val_per_class=1, num_frames=10, size=48, progress=False
-    )
+    return tiny_dataset(tmp_path_factory.mktemp("synth"))
 
 
 def command(dataset, run_dir):
-    return [
-        sys.executable, "-m", "evl", "train",
-        "--data-root", str(dataset.root),
-        "--train-list", str(dataset.train_list),
-        "--val-list", str(dataset.val_list),
-        "--classes", str(dataset.classes_file),
-        "--backbone", "random:ViT-T/16@112",
-        "--num-frames", "4",
-        "--frame-stride", "2",
-        "--steps", str(STEPS),
-        "--batch-size", "2",
-        "--lr", "1e-3",
-        "--warmup-steps", "2",
-        "--eval-every", "2",
-        "--save-every", "1",
-        "--num-workers", "0",
-        "--decoder-layers", "2",
-        "--seed", "5",
-        "--output-dir", str(run_dir),
-        "--quiet",
-    ]  # fmt: skip
+    extra = ("--lr", "1e-3", "--warmup-steps", "2", "--eval-every", "2", "--save-every", "1")
+    extra += ("--decoder-layers", "2", "--seed", "5")
+    return [sys.executable, "-m", "evl", *train_flags(dataset, run_dir, *extra, steps=STEPS, batch_size=2)]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
