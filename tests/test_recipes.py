@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from evl.config import BackboneSpec, RunConfig, to_dict
+from evl.engine.methods import method_spec
 from evl.recipes import (
     RecipeError,
     build_run_config,
@@ -188,7 +189,7 @@ def test_xclip_recipe():
 def test_zeroshot_clip_recipe():
     config = build_run_config(CONFIG_DIR / "zeroshot_clip_b16_8f.yaml")
     assert (config.method.name, config.method.templates) == ("zeroshot", None)
-    assert config.method.uses_text
+    assert method_spec(config.method.name).reads_text
     assert (config.backbone.name, config.data.num_frames) == ("ViT-B/16", 8)
     assert config.data.train_list is None
 

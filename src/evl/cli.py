@@ -156,11 +156,7 @@ def _add_extract_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from evl.engine.features import extract
-    from evl.engine.methods import build_backbone, model_config_for
-    from evl.engine.run import pick_device
-    from evl.engine.train import load_lists
-    from evl.models.evl import EVL
+    from evl.engine.extract import extract_list
     from evl.recipes import build_run_config
 
     flags = {
@@ -169,23 +165,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         if hasattr(args, _dest(field))
     }
     run = build_run_config(args.config, args.set, **flags)
-    classes, train_entries, val_entries = load_lists(run)
-    entries = train_entries if args.split == "train" else val_entries
-    if not entries:
-        raise ValueError(f"no {args.split} list to extract: pass --{args.split}-list")
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    backbone, name = build_backbone(run, out_dir)
-    model = EVL(model_config_for(run, backbone, len(classes), name), backbone).to(pick_device(args.device))
     blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else None
-    result = extract(
-        model,
+    result = extract_list(
         run,
-        entries,
-        classes,
-        out_dir,
+        args.split,
+        args.output,
         batch_size=args.batch_size,
         blocks=blocks,
+        device=args.device,
         progress=not args.quiet,
     )
     print(
@@ -228,38 +215,17 @@ def _add_source_arguments(p: argparse.ArgumentParser) -> None:
 
 def _load_source(args: argparse.Namespace):
     """The model to evaluate or predict with: a run directory's, or zero-shot CLIP from weights."""
-    import dataclasses
+    from evl.engine.run import load_source
 
-    from evl.config import DataConfig, MethodConfig
-    from evl.engine.methods import set_classes
-    from evl.engine.run import CONFIG_FILE, load_run, zeroshot_run
-    from evl.video.lists import read_class_names
-
-    templates = tuple(args.templates) if args.templates else None
-    source = Path(args.source)
-    if args.method == "zeroshot" and not (source / CONFIG_FILE).is_file():
-        if not args.classes:
-            raise ValueError("zero-shot classification from CLIP weights needs --classes (class names)")
-        flags = {"num_frames": args.num_frames, "frame_stride": args.frame_stride, "sampling": args.sampling}
-        data = DataConfig(**{k: v for k, v in flags.items() if v is not None})
-        method = MethodConfig(name="zeroshot", templates=templates)
-        return zeroshot_run(source, read_class_names(args.classes), data, method, device=args.device)
-    loaded = load_run(source, device=args.device)
-    if loaded.run.method.name != "evl":
-        method = loaded.run.method
-        if templates is not None:
-            method = dataclasses.replace(method, templates=templates)
-            loaded.run = dataclasses.replace(loaded.run, method=method)
-        if args.classes or templates is not None:
-            loaded.classes = read_class_names(args.classes) if args.classes else loaded.classes
-            set_classes(loaded.model, method, loaded.classes)
-    elif args.classes or templates is not None:
-        if templates is not None:
-            raise ValueError(f"{source}: an EVL run has a trained classifier, not class prompts (--template)")
-        names = read_class_names(args.classes)
-        set_classes(loaded.model, loaded.run.method, names)  # same count, new names
-        loaded.classes = names
-    return loaded
+    data = {"num_frames": args.num_frames, "frame_stride": args.frame_stride, "sampling": args.sampling}
+    return load_source(
+        args.source,
+        method=args.method,
+        classes=args.classes,
+        templates=args.templates,
+        data=data,
+        device=args.device,
+    )
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:

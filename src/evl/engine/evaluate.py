@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from evl.config import DataConfig, MethodConfig
 from evl.devices import DeviceOutOfMemory
 from evl.engine.loading import loader_options
-from evl.engine.methods import inference_context, set_classes
+from evl.engine.methods import METHODS, inference_context, method_spec, set_classes
 from evl.engine.metrics import (
     EvalResult,
     average_views,
@@ -263,10 +263,11 @@ def evaluate_base_novel(
     The model's class list is changed for each half (and left on the novel classes). With ``out_dir``,
     each half's scores and confusion matrix go to ``out_dir/base`` and ``out_dir/novel``.
     """
-    if not method.uses_text:
+    if not method_spec(method.name).reads_text:
+        text_methods = ", ".join(s.name for s in METHODS.values() if s.reads_text)
         raise ValueError(
-            f"--base-novel: novel classes can only be predicted by a text-matching method (vifi, xclip, "
-            f"zeroshot), not by {method.name}'s fixed classifier"
+            f"--base-novel: novel classes can only be predicted by a text-matching method ({text_methods}), "
+            f"not by {method.name}'s fixed classifier"
         )
     results = {}
     for half in ("base", "novel"):

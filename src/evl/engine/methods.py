@@ -1,14 +1,16 @@
-"""The four video methods as the engine sees them: how a run config becomes a model, what the run directory
-records about it, how it is optimised, and how class names become its classifier.
+"""The method registry: one table (:data:`METHODS`) from a method name to everything the engine does
+differently for it: how a run config becomes a model, what the run directory records about it, how it is
+optimised, whether and how class names become its classifier, and what its defaults are.
 
 * ``evl``: frozen CLIP image encoder + EVL decoder + linear head (a fixed class list);
 * ``vifi``: ViFi-CLIP, both CLIP encoders fine-tuned (or one of them), classes matched by text;
 * ``xclip``: X-CLIP, from a CLIP checkpoint (new modules initialised) or an X-CLIP one;
 * ``zeroshot``: CLIP as it is, classes matched by text, nothing trained.
 
-Every model built here takes videos [B, T, 3, H, W] and returns logits [B, K], and exposes
-``vision_config``, ``num_classes``, ``trainable_state_dict`` and ``load_trainable_state_dict``; the text
-methods also ``set_class_tokens``, so any class list can be evaluated without retraining.
+Every model built here is a :class:`~evl.models.protocol.VideoModel` (videos [B, T, 3, H, W] -> logits
+[B, K]); the text methods' models are :class:`~evl.models.protocol.TextVideoModel` s, so any class list can
+be evaluated without retraining. A new method is a model file plus one :class:`MethodSpec` entry here;
+nothing else in the engine or the CLI names a method.
 """
 
 from __future__ import annotations
@@ -16,17 +18,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from evl.config import VISION_PRESETS, MethodConfig, ModelConfig, RunConfig, to_dict, vision_preset
-from evl.engine.optim import adamw, build_optimizer
+from evl.config import (
+    VISION_PRESETS,
+    MethodConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    model_config_from_dict,
+    to_dict,
+    vision_preset,
+)
+from evl.engine.optim import adamw, param_groups
 from evl.io import atomic_path
 from evl.models.clip_text import TEXT_PRESETS
 from evl.models.clip_vit import CLIPVisionTransformer
@@ -40,9 +52,6 @@ from evl.weights import read_state_dict
 
 BACKBONE_FILE = "backbone.safetensors"
 
-# AdamW betas when train.betas is not set: EVL's trainer uses torch's defaults; X-CLIP and ViFi-CLIP 0.98.
-DEFAULT_BETAS = {"evl": (0.9, 0.999), "vifi": VIFI_BETAS, "xclip": (0.9, 0.98), "zeroshot": VIFI_BETAS}
-
 
 @dataclass
 class BuiltModel:
@@ -52,6 +61,30 @@ class BuiltModel:
     payload: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the engine needs to know about one method; an entry of :data:`METHODS`."""
+
+    name: str  # the key: ``method.name`` in a run config, ``--method`` on the command line
+    title: str  # how messages name it
+    # (run config, run directory or None, class names, seed) -> the model, its classes not yet set (a text
+    # method's class prompts are set by :func:`build_model`) and its description for ``config.json``.
+    build: Callable[[RunConfig, Path | None, Sequence[str], int | None], BuiltModel]
+    # (model, train config) -> AdamW parameter groups over the trainable parameters, each with its ``lr``.
+    param_groups: Callable[[nn.Module, TrainConfig], list[dict[str, Any]]]
+    betas: tuple[float, float]  # AdamW betas when ``train.betas`` is not set
+    reads_text: bool  # classes are matched by text embeddings: any class list, no fixed classifier
+    templates: tuple[str, ...] = ()  # class prompts when ``method.templates`` is not set (text methods)
+    # What ``method.normalization: auto`` means: "imagenet", "clip", or None for the encoder's own.
+    normalization: str | None = None
+    trains: bool = True  # False: nothing to train, so no training list, and it can be built from weights
+    trains_from_features: bool = False  # can train from an ``evl extract`` feature cache
+    # Checks the saved description of a built model (``config.json`` ``model``), failing by field name.
+    check_payload: Callable[[dict[str, Any]], object] | None = None
+    # Sets ``train.recompute_memory`` on a built model; None: the method has no such choice.
+    set_recompute_memory: Callable[[nn.Module, bool], None] | None = None
+
+
 # ------------------------------------------------------------------------------------------------ prompts
 
 
@@ -59,25 +92,30 @@ def templates_for(method: MethodConfig) -> tuple[str, ...]:
     """The class-prompt templates of a text method: the configured ones, or the method's own."""
     if method.templates is not None:
         return tuple(method.templates)
-    # NOTE(ref): X-CLIP and vanilla zero-shot CLIP prompt with the bare class name; ViFi-CLIP with
-    # "a photo of a {}.".
-    return (VIFI_TEMPLATE,) if method.name == "vifi" else (ZEROSHOT_TEMPLATE,)
+    return method_spec(method.name).templates
+
+
+def normalization_stats(method: MethodConfig) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) of the method's input frames, or None for the image encoder's own."""
+    return method.normalization_stats(auto=method_spec(method.name).normalization)
 
 
 def set_classes(model: nn.Module, method: MethodConfig, classes: Sequence[str]) -> None:
-    """Make ``classes`` the classes a text method's model predicts (EVL: the count must match its head)."""
-    if not method.uses_text:
+    """Make ``classes`` the classes a text method's model predicts (a fixed classifier: the count must
+    match its head)."""
+    spec = method_spec(method.name)
+    if not spec.reads_text:
         if len(classes) != model.num_classes:
+            text_methods = [s.name for s in METHODS.values() if s.reads_text]
             raise ValueError(
-                f"this EVL model has a classifier of {model.num_classes} classes and cannot predict "
+                f"this {spec.title} model has a classifier of {model.num_classes} classes and cannot predict "
                 f"{len(classes)}; a different class list needs a text-matching method "
-                "(--method vifi, xclip or zeroshot)"
+                f"(--method {', '.join(text_methods[:-1])} or {text_methods[-1]})"
             )
         return
     templates = templates_for(method)
     prompts = [p for per_class in build_prompts(classes, templates) for p in per_class]
-    context = model.text.config.context_length
-    tokens = default_tokenizer()(prompts, context_length=context)
+    tokens = default_tokenizer()(prompts, context_length=model.context_length)
     model.set_class_tokens(tokens, num_templates=len(templates))
 
 
@@ -128,7 +166,7 @@ def build_clip(run: RunConfig, run_dir: Path | None) -> CLIPTowers:
         text_heads = text_heads or (TEXT_PRESETS[name]["heads"] if name in TEXT_PRESETS else None)
         spec = str(saved)
     # Normalisation belongs to the method's input pipeline, not to any weight.
-    towers = create_clip(spec, heads=heads, text_heads=text_heads, mean_std=method.normalization_stats())
+    towers = create_clip(spec, heads=heads, text_heads=text_heads, mean_std=normalization_stats(method))
     if saved is not None and spec.startswith("random:"):
         _save_atomic(saved, clip_state_dict(towers))
     return towers._replace(name=name if run.backbone.name.startswith("random:") else towers.name)
@@ -156,7 +194,15 @@ def _seed(seed: int | None) -> None:
         torch.manual_seed(seed)
 
 
-def _build_xclip(run: RunConfig, run_dir: Path | None, seed: int | None) -> tuple[XCLIP, str]:
+def _build_xclip(
+    run: RunConfig, run_dir: Path | None, classes: Sequence[str], seed: int | None
+) -> BuiltModel:
+    model, name = _xclip_model(run, run_dir, seed)
+    return BuiltModel(model, {"xclip": to_dict(model.config), "backbone_name": name})
+
+
+def _xclip_model(run: RunConfig, run_dir: Path | None, seed: int | None) -> tuple[XCLIP, str]:
+    """From an X-CLIP checkpoint as it is, or from CLIP's encoders with the new modules initialised."""
     method, frames = run.method, run.data.num_frames
     spec = run.backbone.name
     if not spec.startswith("random:") and is_xclip_checkpoint(spec):
@@ -166,7 +212,7 @@ def _build_xclip(run: RunConfig, run_dir: Path | None, seed: int | None) -> tupl
                 f"{spec}: an X-CLIP model of {model.config.num_frames} frames (one integration-transformer "
                 f"position per frame); set data.num_frames={model.config.num_frames}"
             )
-        stats = method.normalization_stats()
+        stats = normalization_stats(method)
         if stats is not None:
             # Normalisation is not a weight: only the description the data pipeline reads changes.
             vision = dataclasses.replace(model.config.vision, mean=stats[0], std=stats[1])
@@ -186,31 +232,18 @@ def _build_xclip(run: RunConfig, run_dir: Path | None, seed: int | None) -> tupl
     return model, towers.name
 
 
-def build_model(
-    run: RunConfig, run_dir: Path | None, classes: Sequence[str], seed: int | None = None
-) -> BuiltModel:
-    """The run's model (trainable parts freshly initialised), predicting ``classes``.
+def _build_evl(run: RunConfig, run_dir: Path | None, classes: Sequence[str], seed: int | None) -> BuiltModel:
+    backbone, name = build_backbone(run, run_dir)
+    config = model_config_for(run, backbone, len(classes), name)
+    _seed(seed)
+    return BuiltModel(EVL(config, backbone), to_dict(config))
 
-    ``run_dir`` keeps random-init CLIP weights (saved at the first build, read back later); None builds
-    without one. ``seed`` seeds the new modules after the CLIP weights are made, so they start the same
-    whether those were drawn at random or read back (a resumed run, a feature cache, another process).
-    """
-    method = run.method
-    if method.name == "evl":
-        backbone, name = build_backbone(run, run_dir)
-        config = model_config_for(run, backbone, len(classes), name)
-        _seed(seed)
-        return BuiltModel(EVL(config, backbone), to_dict(config))
-    if method.name == "xclip":
-        model, name = _build_xclip(run, run_dir, seed)
-        set_classes(model, method, classes)
-        return BuiltModel(model, {"xclip": to_dict(model.config), "backbone_name": name})
+
+def _build_video_clip(run: RunConfig, run_dir: Path | None, tune: str) -> BuiltModel:
     towers = build_clip(run, run_dir)
-    tune = "none" if method.name == "zeroshot" else method.tune
     model = VideoCLIP(
         towers.visual, towers.text, towers.logit_scale, tune=tune, compute_dtype=run.backbone.dtype
     )
-    set_classes(model, method, classes)
     payload = {
         "vision": to_dict(towers.visual.config),
         "text": to_dict(towers.text.config),
@@ -220,7 +253,133 @@ def build_model(
     return BuiltModel(model, payload)
 
 
+def _build_vifi(run: RunConfig, run_dir: Path | None, classes: Sequence[str], seed: int | None) -> BuiltModel:
+    return _build_video_clip(run, run_dir, run.method.tune)
+
+
+def _build_zeroshot(
+    run: RunConfig, run_dir: Path | None, classes: Sequence[str], seed: int | None
+) -> BuiltModel:
+    return _build_video_clip(run, run_dir, "none")
+
+
 # ------------------------------------------------------------------------------------------- optimisation
+
+
+def _evl_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """No decay on biases, norms, embeddings and the query (unless ``train.decay_all``); the head at
+    ``train.head_lr_scale``."""
+    lr_scale = {"head": cfg.head_lr_scale} if cfg.head_lr_scale != 1.0 else None
+    groups = param_groups(model, cfg.weight_decay, lr_scale=lr_scale, decay_all=cfg.decay_all)
+    return [{**group, "lr": cfg.lr * group["lr_scale"]} for group in groups]
+
+
+def _xclip_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The reference's groups: 10x lr on the new modules."""
+    return xclip_param_groups(model, cfg.lr, cfg.weight_decay)
+
+
+def _video_clip_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Every trained parameter (``decay_all`` decays 1-D ones too, as the reference does)."""
+    return model.param_groups(cfg.lr, cfg.weight_decay, decay_all=cfg.decay_all)
+
+
+def _set_evl_recompute_memory(model: nn.Module, recompute: bool) -> None:
+    model.decoder.checkpoint_memory = recompute
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+METHODS: Mapping[str, MethodSpec] = MappingProxyType(
+    {
+        spec.name: spec
+        for spec in (
+            MethodSpec(
+                name="evl",
+                title="EVL",
+                build=_build_evl,
+                param_groups=_evl_param_groups,
+                betas=(0.9, 0.999),  # EVL's trainer uses torch's defaults
+                reads_text=False,
+                trains_from_features=True,
+                check_payload=model_config_from_dict,
+                set_recompute_memory=_set_evl_recompute_memory,
+            ),
+            MethodSpec(
+                name="vifi",
+                title="ViFi-CLIP",
+                build=_build_vifi,
+                param_groups=_video_clip_param_groups,
+                betas=VIFI_BETAS,
+                reads_text=True,
+                templates=(VIFI_TEMPLATE,),
+                # NOTE(ref): ViFi-CLIP and X-CLIP normalise with ImageNet statistics although CLIP was
+                # trained with its own; EVL and vanilla CLIP use CLIP's (the encoder's).
+                normalization="imagenet",
+            ),
+            MethodSpec(
+                name="xclip",
+                title="X-CLIP",
+                build=_build_xclip,
+                param_groups=_xclip_param_groups,
+                betas=(0.9, 0.98),
+                reads_text=True,
+                # NOTE(ref): X-CLIP and vanilla zero-shot CLIP prompt with the bare class name.
+                templates=(ZEROSHOT_TEMPLATE,),
+                normalization="imagenet",
+            ),
+            MethodSpec(
+                name="zeroshot",
+                title="zero-shot CLIP",
+                build=_build_zeroshot,
+                param_groups=_video_clip_param_groups,
+                betas=VIFI_BETAS,
+                reads_text=True,
+                templates=(ZEROSHOT_TEMPLATE,),
+                trains=False,
+            ),
+        )
+    }
+)
+ZEROSHOT = METHODS["zeroshot"]  # CLIP weights alone: ``evl.zeroshot`` and ``--method zeroshot``
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registry entry of ``name``; an unknown name is a one-line ValueError listing the known ones."""
+    spec = METHODS.get(name)
+    if spec is None:
+        raise ValueError(f"method.name must be one of {', '.join(METHODS)}, got {name!r}")
+    return spec
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+
+def build_model(
+    run: RunConfig, run_dir: Path | None, classes: Sequence[str], seed: int | None = None
+) -> BuiltModel:
+    """The run's model (trainable parts freshly initialised), predicting ``classes``.
+
+    ``run_dir`` keeps random-init CLIP weights (saved at the first build, read back later); None builds
+    without one. ``seed`` seeds the new modules after the CLIP weights are made, so they start the same
+    whether those were drawn at random or read back (a resumed run, a feature cache, another process).
+    """
+    spec = method_spec(run.method.name)
+    built = spec.build(run, run_dir, classes, seed)
+    if spec.reads_text:
+        set_classes(built.model, run.method, classes)
+    return built
+
+
+def build_feature_model(run: RunConfig, cache_dir: Path, classes: Sequence[str]) -> nn.Module:
+    """The model whose frozen backbone fills a feature cache in ``cache_dir``: the run's own when its
+    method trains from caches, otherwise the model of the method that does, with the run's backbone and
+    decoder settings (what ``evl train --features`` will build). Random-init weights are saved there."""
+    spec = method_spec(run.method.name)
+    if not spec.trains_from_features:
+        spec = next(s for s in METHODS.values() if s.trains_from_features)
+        run = dataclasses.replace(run, method=dataclasses.replace(run.method, name=spec.name))
+    return spec.build(run, cache_dir, classes, None).model
 
 
 def has_trainable_parameters(model: nn.Module) -> bool:
@@ -228,23 +387,11 @@ def has_trainable_parameters(model: nn.Module) -> bool:
 
 
 def build_method_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.AdamW:
-    """AdamW with the method's parameter groups, each group's ``lr`` already scaled.
-
-    EVL: no decay on biases, norms, embeddings and the query (unless ``train.decay_all``), and the head at
-    ``train.head_lr_scale``; ViFi-CLIP: every trained parameter (``decay_all`` decays 1-D ones too, as the
-    reference does); X-CLIP: the reference's groups, 10x lr on the new modules.
-    """
-    cfg, name = run.train, run.method.name
-    betas = tuple(cfg.betas) if cfg.betas is not None else DEFAULT_BETAS[name]
-    if name == "evl":
-        lr_scale = {"head": cfg.head_lr_scale} if cfg.head_lr_scale != 1.0 else None
-        return build_optimizer(
-            model, cfg.lr, cfg.weight_decay, betas=betas, decay_all=cfg.decay_all, lr_scale=lr_scale
-        )
-    if name == "xclip":
-        groups = xclip_param_groups(model, cfg.lr, cfg.weight_decay)
-    else:
-        groups = model.param_groups(cfg.lr, cfg.weight_decay, decay_all=cfg.decay_all)
+    """AdamW with the method's parameter groups (:attr:`MethodSpec.param_groups`), each group's ``lr``
+    already scaled, and the method's betas unless ``train.betas`` is set."""
+    cfg, spec = run.train, method_spec(run.method.name)
+    betas = tuple(cfg.betas) if cfg.betas is not None else spec.betas
+    groups = spec.param_groups(model, cfg)
     if not groups:
-        raise ValueError(f"--method {name}: the model has no trainable parameters")
+        raise ValueError(f"--method {spec.name}: the model has no trainable parameters")
     return adamw(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)

@@ -10,7 +10,7 @@ import torch
 
 from evl.config import DataConfig, MethodConfig
 from evl.engine.evaluate import eval_sampling, eval_transform, model_device
-from evl.engine.methods import inference_context
+from evl.engine.methods import ZEROSHOT, inference_context
 from evl.engine.metrics import average_views
 from evl.engine.run import LoadedRun, load_run, zeroshot_run
 from evl.video.dataset import load_views
@@ -91,6 +91,6 @@ def zeroshot(
 
     ``templates`` are the class prompts (``{}`` is the name); the default is the bare class name.
     """
-    method = MethodConfig(name="zeroshot", templates=tuple(templates) if templates else None)
+    method = MethodConfig(name=ZEROSHOT.name, templates=tuple(templates) if templates else None)
     data = DataConfig(num_frames=num_frames)
     return Predictor(zeroshot_run(clip, classes, data, method, device=device))

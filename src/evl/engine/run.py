@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from evl.config import (
-    BackboneSpec,
-    DataConfig,
-    MethodConfig,
-    RunConfig,
-    model_config_from_dict,
-    run_config_from_dict,
-    to_dict,
-)
+from evl.config import BackboneSpec, DataConfig, MethodConfig, RunConfig, run_config_from_dict, to_dict
 from evl.devices import configure_device, pick_device
 from evl.engine.checkpoint import load_checkpoint
-from evl.engine.methods import BACKBONE_FILE, build_model, has_trainable_parameters
+from evl.engine.methods import (
+    BACKBONE_FILE,
+    ZEROSHOT,
+    build_model,
+    has_trainable_parameters,
+    method_spec,
+    set_classes,
+)
 from evl.io import atomic_write_text
 from evl.video.lists import read_class_names
 
@@ -48,6 +47,7 @@ __all__ = [
     "LoadedRun",
     "RunDirError",
     "load_run",
+    "load_source",
     "pick_device",
     "read_run_config",
     "write_run_files",
@@ -94,8 +94,9 @@ def read_run_config(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
         raise RunDirError(f"{run_dir}: not a run directory (no {CONFIG_FILE}); train one with 'evl train'")
     payload: dict[str, Any] = json.loads(path.read_text())
     run = run_config_from_dict(payload["run"])
-    if run.method.name == "evl":
-        model_config_from_dict(payload["model"])  # a damaged EVL description fails here, by name
+    check_payload = method_spec(run.method.name).check_payload
+    if check_payload is not None:
+        check_payload(payload["model"])  # a damaged description fails here, by name
     return run, payload["model"]
 
 
@@ -145,11 +146,71 @@ def zeroshot_run(
     ``data`` sets frames, sampling and views (defaults: 8 dense frames, one view); ``method`` the prompt
     templates and normalisation (its name is forced to ``zeroshot``).
     """
+    method = dataclasses.replace(method or MethodConfig(), name=ZEROSHOT.name)
+    return _untrained_run(clip, classes, data, method, heads, device)
+
+
+def _untrained_run(
+    clip: str | Path,
+    classes: Sequence[str],
+    data: DataConfig | None,
+    method: MethodConfig,
+    heads: int | None,
+    device: str | torch.device | None,
+) -> LoadedRun:
+    """A method with nothing to train, built from CLIP weights alone over ``classes``."""
     if str(clip).startswith("random:"):
         raise ValueError("zero-shot classification needs trained CLIP weights: pass a checkpoint path")
-    method = dataclasses.replace(method or MethodConfig(), name="zeroshot")
+    if method_spec(method.name).trains:
+        raise ValueError(f"--method {method.name} is trained: {clip} must be a run directory")
     run = RunConfig(
         backbone=BackboneSpec(name=str(clip), heads=heads), data=data or DataConfig(), method=method
     )
     built = build_model(run, None, list(classes))
     return LoadedRun(None, run, built.model.to(pick_device(device)).eval(), list(classes), 0)
+
+
+def load_source(
+    source: str | Path,
+    method: str | None = None,
+    classes: str | Path | None = None,
+    templates: Sequence[str] | None = None,
+    data: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+) -> LoadedRun:
+    """The model to evaluate or predict with: a run directory's, or one built from CLIP weights.
+
+    ``source`` is a run directory; or, with ``method`` naming a method that trains nothing (zero-shot
+    CLIP), CLIP weights, with ``data`` (:class:`DataConfig` fields) setting frames and sampling. A run
+    directory wins over ``method``. ``classes`` (a class file, see :func:`read_class_names`) and
+    ``templates`` replace the run's class names and prompts: a text method takes any list; a fixed
+    classifier takes new names for as many classes, and no templates.
+    """
+    templates = tuple(templates) if templates else None
+    source = Path(source)
+    if method is not None and not (source / CONFIG_FILE).is_file():
+        if not classes:
+            raise ValueError("zero-shot classification from CLIP weights needs --classes (class names)")
+        data_config = DataConfig(**{k: v for k, v in (data or {}).items() if v is not None})
+        method_config = MethodConfig(name=method, templates=templates)
+        names = read_class_names(classes)
+        return _untrained_run(source, names, data_config, method_config, heads=None, device=device)
+    loaded = load_run(source, device=device)
+    spec = method_spec(loaded.run.method.name)
+    if spec.reads_text:
+        method_config = loaded.run.method
+        if templates is not None:
+            method_config = dataclasses.replace(method_config, templates=templates)
+            loaded.run = dataclasses.replace(loaded.run, method=method_config)
+        if classes or templates is not None:
+            loaded.classes = read_class_names(classes) if classes else loaded.classes
+            set_classes(loaded.model, method_config, loaded.classes)
+    elif classes or templates is not None:
+        if templates is not None:
+            raise ValueError(
+                f"{source}: an {spec.title} run has a trained classifier, not class prompts (--template)"
+            )
+        names = read_class_names(classes)
+        set_classes(loaded.model, loaded.run.method, names)  # same count, new names
+        loaded.classes = names
+    return loaded

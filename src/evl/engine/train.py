@@ -51,13 +51,18 @@ from evl.engine.features import (
     to_frame_features,
 )
 from evl.engine.loading import loader_options
-from evl.engine.methods import BACKBONE_FILE, build_method_optimizer, build_model, has_trainable_parameters
+from evl.engine.methods import (
+    BACKBONE_FILE,
+    build_method_optimizer,
+    build_model,
+    has_trainable_parameters,
+    method_spec,
+)
 from evl.engine.optim import allocate_adamw_state, build_scheduler
 from evl.engine.plots import plot_training_curves
 from evl.engine.run import write_run_files
 from evl.engine.train_state import make_train_state, restore_train_state
 from evl.io import atomic_write_text
-from evl.models.evl import EVL
 from evl.video.dataset import StreamSampler, TrainClips, collate_train
 from evl.video.lists import VideoEntry, read_class_names, read_list
 from evl.video.transforms import TransformConfig, build_train_transform
@@ -85,9 +90,10 @@ def load_lists(run: RunConfig) -> tuple[list[str], list[VideoEntry], list[VideoE
         classes = FeatureCache.open(data.features).meta.classes
         val = read_list(data.val_list, len(classes), data.data_root) if data.val_list else []
         return classes, [], val
-    if data.train_list is None and run.method.name != "zeroshot":
+    spec = method_spec(run.method.name)
+    if data.train_list is None and spec.trains:
         raise ValueError("no training list: pass --train-list (or data.train_list in the recipe)")
-    if run.method.uses_text and not data.classes:
+    if spec.reads_text and not data.classes:
         raise ValueError(
             f"--method {run.method.name} matches videos against class names: pass --classes "
             "(a classes.txt with one name per line, or a JSON list)"
@@ -201,6 +207,7 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train (or resume) the run in ``run_dir``; returns the final step, loss and last validation."""
+    method_spec(run.method.name)  # an unknown method fails before anything is created
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     requested = pick_device(device)
@@ -222,7 +229,8 @@ def _train(
         )
     torch.manual_seed(cfg.seed)
 
-    if data.features and run.method.name != "evl":
+    spec = method_spec(run.method.name)
+    if data.features and not spec.trains_from_features:
         raise ValueError(
             f"--features: feature caches hold what EVL's decoder reads; --method {run.method.name} "
             "trains on videos"
@@ -246,11 +254,11 @@ def _train(
     if recompute is None and train_cache is not None:  # no backbone activations to make room for
         recompute = False
     if recompute is not None:
-        if not isinstance(model, EVL):
+        if spec.set_recompute_memory is None:
             raise ValueError(
                 f"train.recompute_memory applies to EVL's decoder, not to --method {run.method.name}"
             )
-        model.decoder.checkpoint_memory = recompute
+        spec.set_recompute_memory(model, recompute)
     caches = [c for c in (train_cache, val_cache) if c is not None]
     if caches:
         fingerprint = model.backbone_fingerprint()  # hashes every backbone weight: once

@@ -13,7 +13,7 @@ Only the decoder and the head train; the backbone runs without autograd and is n
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from evl.config import DecoderConfig, ModelConfig, VisionConfig
 from evl.devices import PRECISIONS, autocast, resolve_formulation, resolve_precision
 from evl.models.clip_vit import BlockFeatures, CLIPVisionTransformer
 from evl.models.frame_features import FrameFeatures, frame_features, write_block
-from evl.models.layers import LayerNorm, QuickGELU, load_exact_subset, weights_fingerprint
+from evl.models.layers import LayerNorm, QuickGELU, TrainableStateModule, weights_fingerprint
 from evl.models.ops.attention import attend_memory
 from evl.models.ops.relative import (
     RelativeAggregation,
@@ -394,7 +394,7 @@ def resolve_backbone_dtype(name: str, device: torch.device) -> torch.dtype:
     return resolve_precision(name, device)
 
 
-class EVL(nn.Module):
+class EVL(TrainableStateModule):
     """Video classifier: videos [B, T, 3, H, W] (normalised) -> logits [B, num_classes]."""
 
     def __init__(self, config: ModelConfig, backbone: CLIPVisionTransformer | None = None) -> None:
@@ -594,24 +594,10 @@ class EVL(nn.Module):
         return self.forward_head(self.extract_features(x))
 
     # ----------------------------------------------------------------------------------------------- state
-    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+    def _checkpoint_keys(self) -> Callable[[str], bool]:
         """Decoder and head (and the backbone only when it is fine-tuned): what a checkpoint stores."""
-        state = self.state_dict()
-        if self.frozen:
-            state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
-        return state
+        frozen = self.frozen
+        return lambda key: not (frozen and key.startswith("backbone."))
 
-    def load_trainable_state_dict(
-        self, state: Mapping[str, torch.Tensor], source: str = "checkpoint"
-    ) -> None:
-        """Strict load of :meth:`trainable_state_dict`, with one-line errors for mismatched keys or shapes."""
-        load_exact_subset(
-            self,
-            self.trainable_state_dict(),
-            state,
-            source,
-            shape_hint=" (different width, frame count or number of classes?)",
-        )
+    def _mismatch_notes(self) -> tuple[str, str]:
+        return "", " (different width, frame count or number of classes?)"

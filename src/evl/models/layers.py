@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,39 @@ def load_exact_subset(
                 f"{tuple(own[key].shape)}{shape_hint}"
             )
     module.load_state_dict(state, strict=False)
+
+
+class TrainableStateModule(nn.Module):
+    """A video model whose checkpoints hold only the part of its state that trains.
+
+    Subclasses say which ``state_dict`` keys that is (:meth:`_checkpoint_keys`) and how a mismatch is
+    explained (:meth:`_mismatch_notes`); saving and the strict, one-line-error loading are the same for all.
+    """
+
+    def _checkpoint_keys(self) -> Callable[[str], bool]:
+        """Whether a ``state_dict`` key belongs in a checkpoint (asked once per save or load)."""
+        raise NotImplementedError
+
+    def _mismatch_notes(self) -> tuple[str, str]:
+        """(what to say about the model, a likely cause of a shape mismatch) for load errors."""
+        return "", ""
+
+    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: the ``state_dict`` entries :meth:`_checkpoint_keys` keeps."""
+        keep = self._checkpoint_keys()
+        return {k: v for k, v in self.state_dict().items() if keep(k)}
+
+    def load_trainable_state_dict(
+        self, state: Mapping[str, torch.Tensor], source: str = "checkpoint"
+    ) -> None:
+        """Strict load of :meth:`trainable_state_dict`, with one-line errors for mismatched keys or shapes."""
+        model_note, shape_hint = self._mismatch_notes()
+        load_exact_subset(
+            self, self.trainable_state_dict(), state, source, model_note=model_note, shape_hint=shape_hint
+        )
 
 
 def weights_fingerprint(module: nn.Module) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from evl.devices import autocast
 from evl.models.clip_text import CLIPTextTransformer
 from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.evl import resolve_backbone_dtype
-from evl.models.layers import load_exact_subset
+from evl.models.layers import TrainableStateModule
 
 __all__ = [
     "TUNE_MODES",
@@ -68,7 +68,7 @@ def _clear_text_cache_after_load(module: VideoCLIP, incompatible_keys: Any) -> N
     module.clear_text_cache()
 
 
-class VideoCLIP(nn.Module):
+class VideoCLIP(TrainableStateModule):
     """Videos [B, T, 3, H, W] (normalised) -> logits [B, K] against K class prompts.
 
     Args:
@@ -163,6 +163,11 @@ class VideoCLIP(nn.Module):
     @property
     def num_classes(self) -> int:
         return 0 if self.class_tokens is None else self.class_tokens.shape[0] // self.num_templates
+
+    @property
+    def context_length(self) -> int:
+        """Tokens per prompt the text tower takes: what class prompts are tokenized to."""
+        return self.text.config.context_length
 
     def set_class_tokens(self, token_ids: torch.Tensor, num_templates: int = 1) -> None:
         """Store the tokenized class prompts, ``[K * num_templates, L]`` class-major (row ``k * M + j`` is
@@ -265,25 +270,15 @@ class VideoCLIP(nn.Module):
         return self.logit_scale.exp() * video_emb @ class_emb.t()
 
     # ----------------------------------------------------------------------------------------------- state
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+    def _checkpoint_keys(self) -> Callable[[str], bool]:
         """The tuned parameters (and ``logit_scale`` when it trains): what a fine-tuning checkpoint stores.
 
-        Empty for ``tune="none"``.
+        Nothing for ``tune="none"``.
         """
-        return {k: v for k, v in self.state_dict().items() if self.is_tuned(k)}
+        return self.is_tuned
 
-    def load_trainable_state_dict(
-        self, state: Mapping[str, torch.Tensor], source: str = "checkpoint"
-    ) -> None:
-        """Strict load of :meth:`trainable_state_dict`, with one-line errors for mismatched keys or shapes."""
-        load_exact_subset(
-            self,
-            self.trainable_state_dict(),
-            state,
-            source,
-            model_note=f" (tune={self.tune!r})",
-            shape_hint=" (a different CLIP architecture?)",
-        )
+    def _mismatch_notes(self) -> tuple[str, str]:
+        return f" (tune={self.tune!r})", " (a different CLIP architecture?)"
 
     def param_groups(self, lr: float, weight_decay: float, decay_all: bool = True) -> list[dict[str, Any]]:
         """AdamW parameter groups over the trainable parameters, each with ``lr`` set.

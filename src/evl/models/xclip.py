@@ -17,7 +17,7 @@ and the official X-CLIP names for the rest (``mit``, ``prompts_generator``, ``pr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from evl.config import IMAGENET_MEAN, IMAGENET_STD, VisionConfig
 from evl.models.clip_text import CLIPTextTransformer, TextConfig
-from evl.models.layers import LayerNorm, load_exact_subset
+from evl.models.layers import LayerNorm, TrainableStateModule
 from evl.models.xclip_parts import (
     CrossFrameCommunicationTransformer,
     MultiframeIntegrationTransformer,
@@ -98,7 +98,11 @@ class XCLIPOutput(NamedTuple):
     text_embeds: torch.Tensor
 
 
-class XCLIP(nn.Module):
+def _clear_text_cache_after_load(module: XCLIP, incompatible_keys: Any) -> None:
+    module.clear_text_cache()
+
+
+class XCLIP(TrainableStateModule):
     """Videos [B, T, 3, H, W] (normalised) and class-name token ids [K, L] -> logits [B, K]."""
 
     def __init__(self, config: XCLIPConfig) -> None:
@@ -139,6 +143,8 @@ class XCLIP(nn.Module):
         # The class prompts a plain ``model(video)`` matches against; they follow .to(device) but are not
         # saved: the class list is data, not weights.
         self.register_buffer("class_tokens", None, persistent=False)
+        # Loaded weights make the cached class features stale; dropping them at once frees their memory.
+        self.register_load_state_dict_post_hook(_clear_text_cache_after_load)
 
     @property
     def vision_config(self) -> VisionConfig:
@@ -148,6 +154,11 @@ class XCLIP(nn.Module):
     @property
     def num_classes(self) -> int:
         return 0 if self.class_tokens is None else self.class_tokens.shape[0]
+
+    @property
+    def context_length(self) -> int:
+        """Tokens per prompt the text tower takes: what class prompts are tokenized to."""
+        return self.text.config.context_length
 
     def set_class_tokens(self, token_ids: torch.Tensor, num_templates: int = 1) -> None:
         """Store the tokenized class prompts [K, L] that ``forward(video)`` classifies among (one prompt per
@@ -247,24 +258,16 @@ class XCLIP(nn.Module):
         return self.forward_outputs(video, class_token_ids).logits_per_video
 
     # ----------------------------------------------------------------------------------------- parameters
-    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
-
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Everything but the frozen text tower and logit scale (with ``freeze_text``)."""
         return (p for _, p in self.trainable_named_parameters())
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+    def _checkpoint_keys(self) -> Callable[[str], bool]:
         """The trained tensors: what a fine-tuning checkpoint stores (the frozen text tower is not)."""
-        trained = {name for name, _ in self.trainable_named_parameters()}
-        return {k: v for k, v in self.state_dict().items() if k in trained}
+        return {name for name, _ in self.trainable_named_parameters()}.__contains__
 
-    def load_trainable_state_dict(
-        self, state: Mapping[str, torch.Tensor], source: str = "checkpoint"
-    ) -> None:
-        """Strict load of :meth:`trainable_state_dict`, with one-line errors for mismatched keys or shapes."""
-        load_exact_subset(self, self.trainable_state_dict(), state, source, model_note=" (X-CLIP)")
-        self.clear_text_cache()
+    def _mismatch_notes(self) -> tuple[str, str]:
+        return " (X-CLIP)", ""
 
 
 # Parameters whose name contains one of these train at 10x the learning rate (the reference's groups).
