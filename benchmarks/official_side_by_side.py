@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from evl.bench import BenchConfig, _timed, _video
+from evl.devices import resolve_precision
 from evl.engine.optim import allocate_adamw_state, build_optimizer
+from evl.engine.step import TrainStep
 from evl.engine.train import autocast_for
 from evl.models.evl import EVL
 from evl.runtime import tune_cpu_allocator
@@ -93,14 +94,13 @@ def build_sides(official_dir: Path, device: torch.device) -> dict[str, dict[str,
     our_optimizer = build_optimizer(ours, lr=LR, weight_decay=WEIGHT_DECAY)
     allocate_adamw_state(our_optimizer)  # as training and `evl bench` do
 
+    # The step of evl.bench.measure_train_step: training's own.
+    our_trainer = TrainStep(ours, our_optimizer, compute_dtype=resolve_precision("auto", device))
+
     def our_step(video: torch.Tensor, labels: torch.Tensor) -> None:
-        # The step of evl.bench.measure_train_step.
         ours.train()
-        our_optimizer.zero_grad(set_to_none=True)
-        with autocast_for("auto", device):
-            logits = ours(video)
-        F.cross_entropy(logits.float(), labels).backward()
-        our_optimizer.step()
+        our_trainer.run([(video, labels)])
+        our_trainer.apply()
 
     def our_inference(video: torch.Tensor) -> None:
         # The forward of evl.bench.measure_inference.

@@ -136,3 +136,28 @@ def test_shortened_demo_runs_end_to_end(tmp_path):
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert metrics["num_videos"] == 64
     assert (tmp_path / "run" / "training_curves.png").is_file()
+
+
+def test_engine_messages_reach_the_terminal_once(tmp_path, capsys):
+    import logging
+    from types import SimpleNamespace
+
+    from evl.cli import install_log_handler
+    from evl.engine.train import _record_skipped
+
+    install_log_handler()
+    install_log_handler()  # as when `main` runs twice in one process: still one handler
+    capsys.readouterr()
+    _record_skipped(tmp_path, [SimpleNamespace(path="a.mp4", reason="no video stream")])
+    logging.getLogger("evl.engine.train").info("resumed from somewhere at step 3")
+    out, err = capsys.readouterr()
+    assert err == "warning: skipped undecodable video (no video stream)\n"  # warnings: stderr, prefixed
+    assert out == "resumed from somewhere at step 3\n"  # information: stdout, as printed before
+
+
+def test_an_engine_setting_error_gets_the_flag_that_sets_it(dataset, tmp_path, capsys):
+    args = train_args(dataset, tmp_path / "run")
+    del args[args.index("--train-list") : args.index("--train-list") + 2]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "evl train: error: no training list: set data.train_list; pass --train-list"

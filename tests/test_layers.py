@@ -185,3 +185,43 @@ def test_a_look_back_is_caught():
     source = "def helper():\n    from ..engine.metrics import harmonic_mean\n"
     targets = imported_modules(source, "evl.video.lists", False, set(MODULES))
     assert [layer_of(t) > layer_of("evl.video.lists") for t in targets] == [True]
+
+
+def terminal_writes(source: str) -> list[int]:
+    """Lines of ``source`` that write to the terminal themselves: ``print(...)``, ``<tqdm>.write(...)``
+    (a bar's or the class's) and any use of ``sys.stdout`` / ``sys.stderr``."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+            lines.append(node.lineno)
+        elif (
+            isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "write"
+        ):
+            target = node.func.value
+            if isinstance(target, ast.Name) and target.id in ("tqdm", "bar"):
+                lines.append(node.lineno)
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr in ("stdout", "stderr")
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "sys"
+        ):
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_the_engine_never_prints():
+    # The engine reports through logging (``evl.*`` loggers); the CLI decides where messages go.
+    found = {
+        name: lines
+        for name, (path, _) in MODULES.items()
+        if name.startswith(f"{PACKAGE}.engine")
+        for lines in [terminal_writes(path.read_text())]
+        if lines
+    }
+    assert not found, f"terminal writes in the engine (module: lines): {found}"
+
+
+def test_terminal_writes_are_found():
+    source = 'import sys\nprint("a")\ntqdm.write("b", file=sys.stderr)\nbar.write("c")\nf.write("d")\n'
+    assert terminal_writes(source) == [2, 3, 3, 4]

@@ -238,7 +238,7 @@ def test_zeroshot_refuses_random_weights_and_missing_classes(dataset, clip_file,
     assert main(["eval", "random:ViT-T/16@112", "--method", "zeroshot", "--classes", classes]) == 2
     assert "needs trained CLIP weights" in capsys.readouterr().err
     assert main(["eval", str(clip_file), "--method", "zeroshot", "--val-list", str(dataset.val_list)]) == 2
-    assert "needs --classes" in capsys.readouterr().err
+    assert "needs class names; pass --classes" in capsys.readouterr().err  # the CLI names the flag
 
 
 # -------------------------------------------------------------------------------------- class lists

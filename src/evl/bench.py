@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from evl.config import ModelConfig, model_preset
+from evl.devices import resolve_precision
 from evl.engine.features import (
     CacheMeta,
     FeatureCache,
@@ -38,6 +38,7 @@ from evl.engine.features import (
     to_frame_features,
 )
 from evl.engine.optim import allocate_adamw_state, build_optimizer
+from evl.engine.step import TrainStep
 from evl.engine.train import autocast_for
 from evl.flops import count_flops
 from evl.models.evl import EVL, FrameFeatures
@@ -146,15 +147,14 @@ def measure_train_step(
     model = EVL(config).to(device).train()
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)
     allocate_adamw_state(optimizer)  # as training does
+    # The training step itself, as `evl train` runs it (one micro-batch; precision "auto").
+    trainer = TrainStep(model, optimizer, compute_dtype=resolve_precision("auto", device))
     video = _video(batch, config, device)
     labels = torch.zeros(batch, dtype=torch.long, device=device)
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_for("auto", device):
-            logits = model(video)
-        F.cross_entropy(logits.float(), labels).backward()
-        optimizer.step()
+        trainer.run([(video, labels)])
+        trainer.apply()
 
     seconds = _median_time(step, bench.repeats, device)
     # The heap settles after a few steps (freed blocks are reused, not all of them at once): peak memory is
@@ -225,6 +225,10 @@ def measure_cached_step(bench: BenchConfig, device: torch.device, batch: int) ->
     model.decoder.checkpoint_memory = False  # as `evl train --features` runs it
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)
     allocate_adamw_state(optimizer)  # as training does
+    # Training's step on features, as `evl train --features` runs it; its two halves are timed apart.
+    trainer = TrainStep(
+        model, optimizer, step_model=model.forward_head, compute_dtype=resolve_precision("auto", device)
+    )
     video = _video(1, config, device)
 
     def extract() -> list[FrameFeatures]:
@@ -254,12 +258,10 @@ def measure_cached_step(bench: BenchConfig, device: torch.device, batch: int) ->
             items = [{"features": cache.read(next(rows), model.blocks), "label": 0, "index": 0}
                      for _ in range(batch)]  # fmt: skip
             features = to_frame_features(collate_cached(items)["features"], device)
-            with autocast_for("auto", device):
-                logits = model.forward_head(features)
-            F.cross_entropy(logits.float(), labels).backward()
+            trainer.backward(features, labels)
             _sync(device)
             middle = time.perf_counter()
-            optimizer.step()
+            trainer.apply()
             _sync(device)
             return middle - start, time.perf_counter() - middle
 
@@ -271,7 +273,7 @@ def measure_cached_step(bench: BenchConfig, device: torch.device, batch: int) ->
             extraction = _timed(extract, device)
             # Gradients accumulate over the micro-batches of an optimiser step, as in training: the
             # untimed first step of a round makes them, the timed ones add to them.
-            optimizer.zero_grad(set_to_none=True)
+            trainer.zero_grad()
             steps = [step() for _ in range(CACHED_STEPS_PER_ROUND)][1:]
             forward_backward, optimizer_s = (statistics.median(part) for part in zip(*steps, strict=True))
             rounds.append({"features_s": extraction, "forward_backward_s": forward_backward,

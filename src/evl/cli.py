@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
 from pathlib import Path
 
+from evl.config import SettingError
 from evl.devices import DeviceOutOfMemory
 from evl.engine.checkpoint import CheckpointError
 from evl.recipes import RecipeError
@@ -505,9 +507,10 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from evl.demo import run_demo
+    from evl.demo import format_summary, run_demo
 
-    run_demo(Path(args.output_dir), steps=args.steps, progress=not args.quiet)
+    summary = run_demo(Path(args.output_dir), steps=args.steps, progress=not args.quiet)
+    print(format_summary(summary))
     return 0
 
 
@@ -531,6 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setting_advice(err: SettingError) -> str:
+    """The flag that sets the run-config field an engine error names, where the command line has one."""
+    flags = {field: flag for flag, field, _, _ in TRAIN_FLAGS}
+    return f"; pass {flags[err.field]}" if err.field in flags else ""
+
+
 def _memory_advice(err: DeviceOutOfMemory) -> str:
     """What to pass next time, by the flags of the command that ran out of memory."""
     if err.stage == "training":
@@ -541,9 +550,37 @@ def _memory_advice(err: DeviceOutOfMemory) -> str:
     return f"pass a smaller --batch-size (now {err.batch_size})"
 
 
+class _TerminalHandler(logging.Handler):
+    """The engine's messages as the command line shows them: information on stdout, warnings (prefixed
+    ``warning:``) on stderr, written through tqdm so that an open progress bar is redrawn below them.
+    The streams are looked up per message, so a redirected ``sys.stdout`` (tests, notebooks) is honoured."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            message = self.format(record)
+            if record.levelno >= logging.WARNING:
+                tqdm.write(f"warning: {message}", file=sys.stderr)
+            else:
+                tqdm.write(message, file=sys.stdout)
+        except Exception:
+            self.handleError(record)
+
+
+def install_log_handler() -> None:
+    """Show the engine's (``evl.*`` loggers') information and warnings on the terminal; idempotent, since
+    ``main`` may run many times in one process."""
+    logger = logging.getLogger("evl")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _TerminalHandler) for h in logger.handlers):
+        logger.addHandler(_TerminalHandler())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     tune_cpu_allocator()
+    install_log_handler()
     try:
         return args.func(args)
     except DeviceOutOfMemory as err:
@@ -554,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if os.environ.get("EVL_DEBUG"):
             raise
-        print(f"evl {args.command}: error: {err}", file=sys.stderr)
+        advice = _setting_advice(err) if isinstance(err, SettingError) else ""
+        print(f"evl {args.command}: error: {err}{advice}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"evl {args.command}: interrupted", file=sys.stderr)

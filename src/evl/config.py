@@ -20,6 +20,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class SettingError(ValueError):
+    """A run setting that is missing or does not fit. ``field`` names it as the run config does
+    (``data.classes``): the library speaks in config fields, and a front end such as the CLI says how to
+    set that field (its flag)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """A CLIP ViT image encoder (OpenAI layout: conv1, embeddings, ln_pre, blocks, ln_post, proj)."""

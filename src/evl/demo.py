@@ -50,6 +50,8 @@ def make_demo_dataset(root: Path, task: str = "motion", progress: bool = True) -
 
 
 def run_demo(out_dir: Path, steps: int | None = None, progress: bool = True) -> dict:
+    """Synthesize, train, evaluate; returns the summary (metrics, paths) that :func:`format_summary`
+    words for a terminal."""
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = make_demo_dataset(out_dir / "data", progress=progress)
@@ -78,13 +80,20 @@ def run_demo(out_dir: Path, steps: int | None = None, progress: bool = True) -> 
         "steps": run.train.steps,
         "wall_time_s": round(time.perf_counter() - start, 1),
         "run_dir": str(run_dir),
+        "num_classes": len(loaded.classes),
+        "example_video": str(resolve_path(entries[0], dataset.root)),
     }
-    print(
-        f"\nevl demo: top-1 {result.top1:.1f}% on {result.num_videos} held-out videos "
-        f"({len(loaded.classes)} motion directions, chance {summary['chance']:.0f}%), "
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The demo's closing lines: accuracy against chance, and where the plots and a next command are."""
+    run_dir = Path(summary["run_dir"])
+    return (
+        f"\nevl demo: top-1 {summary['top1']:.1f}% on {summary['num_videos']} held-out videos "
+        f"({summary['num_classes']} motion directions, chance {summary['chance']:.0f}%), "
         f"{summary['wall_time_s']:.0f} s in all.\n"
         f"  loss curve:       {run_dir / 'training_curves.png'}\n"
         f"  confusion matrix: {run_dir / 'eval' / 'confusion_matrix.png'}\n"
-        f"  try:              evl predict {run_dir} {resolve_path(entries[0], dataset.root)}"
+        f"  try:              evl predict {run_dir} {summary['example_video']}"
     )
-    return summary

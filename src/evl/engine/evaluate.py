@@ -266,8 +266,8 @@ def evaluate_base_novel(
     if not method_spec(method.name).reads_text:
         text_methods = ", ".join(s.name for s in METHODS.values() if s.reads_text)
         raise ValueError(
-            f"--base-novel: novel classes can only be predicted by a text-matching method ({text_methods}), "
-            f"not by {method.name}'s fixed classifier"
+            "base-to-novel evaluation: novel classes can only be predicted by a text-matching method "
+            f"({text_methods}), not by {method.name}'s fixed classifier"
         )
     results = {}
     for half in ("base", "novel"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from evl.config import RunConfig
+from evl.config import RunConfig, SettingError
 from evl.devices import pick_device
 from evl.engine.features import ExtractResult, extract
 from evl.engine.methods import build_feature_model
@@ -40,7 +40,7 @@ def extract_list(
     classes, train_entries, val_entries = load_lists(run)
     entries = train_entries if split == "train" else val_entries
     if not entries:
-        raise ValueError(f"no {split} list to extract: pass --{split}-list")
+        raise SettingError(f"data.{split}_list", f"no {split} list to extract: set data.{split}_list")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = build_feature_model(run, out_dir, classes).to(pick_device(device))

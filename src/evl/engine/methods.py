@@ -110,7 +110,7 @@ def set_classes(model: nn.Module, method: MethodConfig, classes: Sequence[str]) 
             raise ValueError(
                 f"this {spec.title} model has a classifier of {model.num_classes} classes and cannot predict "
                 f"{len(classes)}; a different class list needs a text-matching method "
-                f"(--method {', '.join(text_methods[:-1])} or {text_methods[-1]})"
+                f"(method.name {', '.join(text_methods[:-1])} or {text_methods[-1]})"
             )
         return
     templates = templates_for(method)
@@ -393,5 +393,5 @@ def build_method_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Adam
     betas = tuple(cfg.betas) if cfg.betas is not None else spec.betas
     groups = spec.param_groups(model, cfg)
     if not groups:
-        raise ValueError(f"--method {spec.name}: the model has no trainable parameters")
+        raise ValueError(f"method {spec.name}: the model has no trainable parameters")
     return adamw(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)

@@ -26,7 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from evl.config import BackboneSpec, DataConfig, MethodConfig, RunConfig, run_config_from_dict, to_dict
+from evl.config import (
+    BackboneSpec,
+    DataConfig,
+    MethodConfig,
+    RunConfig,
+    SettingError,
+    run_config_from_dict,
+    to_dict,
+)
 from evl.devices import configure_device, pick_device
 from evl.engine.checkpoint import load_checkpoint
 from evl.engine.methods import (
@@ -162,7 +170,7 @@ def _untrained_run(
     if str(clip).startswith("random:"):
         raise ValueError("zero-shot classification needs trained CLIP weights: pass a checkpoint path")
     if method_spec(method.name).trains:
-        raise ValueError(f"--method {method.name} is trained: {clip} must be a run directory")
+        raise ValueError(f"method {method.name} is trained: {clip} must be a run directory")
     run = RunConfig(
         backbone=BackboneSpec(name=str(clip), heads=heads), data=data or DataConfig(), method=method
     )
@@ -190,7 +198,7 @@ def load_source(
     source = Path(source)
     if method is not None and not (source / CONFIG_FILE).is_file():
         if not classes:
-            raise ValueError("zero-shot classification from CLIP weights needs --classes (class names)")
+            raise SettingError("data.classes", "zero-shot classification from CLIP weights needs class names")
         data_config = DataConfig(**{k: v for k, v in (data or {}).items() if v is not None})
         method_config = MethodConfig(name=method, templates=templates)
         names = read_class_names(classes)
@@ -208,7 +216,7 @@ def load_source(
     elif classes or templates is not None:
         if templates is not None:
             raise ValueError(
-                f"{source}: an {spec.title} run has a trained classifier, not class prompts (--template)"
+                f"{source}: an {spec.title} run has a trained classifier, not class prompts (templates)"
             )
         names = read_class_names(classes)
         set_classes(loaded.model, loaded.run.method, names)  # same count, new names

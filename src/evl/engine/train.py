@@ -6,29 +6,22 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import math
 import shutil
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from evl.config import DataConfig, RunConfig
-from evl.devices import (
-    DeviceOutOfMemory,
-    autocast,
-    configure_device,
-    needs_grad_scaler,
-    pick_device,
-    resolve_precision,
-)
+from evl.config import DataConfig, RunConfig, SettingError
+from evl.devices import autocast, configure_device, pick_device, resolve_precision
 from evl.engine.checkpoint import find_resumable, load_checkpoint, save_checkpoint
 from evl.engine.distributed import (
     DistEnv,
@@ -61,14 +54,19 @@ from evl.engine.methods import (
 from evl.engine.optim import allocate_adamw_state, build_scheduler
 from evl.engine.plots import plot_training_curves
 from evl.engine.run import write_run_files
+from evl.engine.step import TrainStep
 from evl.engine.train_state import make_train_state, restore_train_state
 from evl.io import atomic_write_text
 from evl.video.dataset import StreamSampler, TrainClips, collate_train
 from evl.video.lists import VideoEntry, read_class_names, read_list
 from evl.video.transforms import TransformConfig, build_train_transform
 
-# Without --classes, labels 0..max are the classes; a larger maximum is almost surely a malformed list.
+# Without data.classes, labels 0..max are the classes; a larger maximum is almost surely a malformed list.
 MAX_UNNAMED_CLASSES = 100_000
+
+# The engine reports through logging and never prints: the CLI decides where messages go (see
+# ``evl.cli``); a library user without a handler still sees warnings (Python's last-resort handler).
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -92,11 +90,12 @@ def load_lists(run: RunConfig) -> tuple[list[str], list[VideoEntry], list[VideoE
         return classes, [], val
     spec = method_spec(run.method.name)
     if data.train_list is None and spec.trains:
-        raise ValueError("no training list: pass --train-list (or data.train_list in the recipe)")
+        raise SettingError("data.train_list", "no training list: set data.train_list")
     if spec.reads_text and not data.classes:
-        raise ValueError(
-            f"--method {run.method.name} matches videos against class names: pass --classes "
-            "(a classes.txt with one name per line, or a JSON list)"
+        raise SettingError(
+            "data.classes",
+            f"method {run.method.name} matches videos against class names: set data.classes "
+            "(a classes.txt with one name per line, or a JSON list)",
         )
     if data.train_list is None:  # zero-shot: the class file and an optional validation list
         classes = read_class_names(data.classes)
@@ -110,9 +109,10 @@ def load_lists(run: RunConfig) -> tuple[list[str], list[VideoEntry], list[VideoE
         top = max(train + val, key=lambda e: e.label)
         if top.label >= MAX_UNNAMED_CLASSES:
             source = data.train_list if top in train else data.val_list
-            raise ValueError(
+            raise SettingError(
+                "data.classes",
                 f"{source}:{top.line}: label {top.label} without a class list; "
-                "pass --classes (labels are read as 0..num_classes-1)"
+                "set data.classes (labels are read as 0..num_classes-1)",
             )
         classes = [str(i) for i in range(top.label + 1)]
     return classes, train, val
@@ -138,13 +138,15 @@ def initialise_from(model: torch.nn.Module, source: str | Path) -> None:
     kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     mismatched = sorted(set(own) - set(kept))
     if any(not k.startswith("head.") for k in mismatched):
-        raise ValueError(
-            f"--init-from {source}: its weights do not match this model ({', '.join(mismatched[:4])}...): "
-            "the same method, backbone, decoder depth, temporal modules and frame count are needed"
+        raise SettingError(
+            "train.init_from",
+            f"train.init_from {source}: its weights do not match this model "
+            f"({', '.join(mismatched[:4])}...): "
+            "the same method, backbone, decoder depth, temporal modules and frame count are needed",
         )
     model.load_state_dict(kept, strict=False)
     new_head = " (new classifier)" if mismatched else ""
-    print(f"initialised {len(kept)} tensors from {source}{new_head}")
+    log.info("initialised %d tensors from %s%s", len(kept), source, new_head)
 
 
 def training_data(
@@ -231,9 +233,10 @@ def _train(
 
     spec = method_spec(run.method.name)
     if data.features and not spec.trains_from_features:
-        raise ValueError(
-            f"--features: feature caches hold what EVL's decoder reads; --method {run.method.name} "
-            "trains on videos"
+        raise SettingError(
+            "data.features",
+            f"data.features: feature caches hold what EVL's decoder reads; method {run.method.name} "
+            "trains on videos",
         )
     classes, train_entries, val_entries = load_lists(run)
     if data.features and env.is_main:
@@ -256,7 +259,7 @@ def _train(
     if recompute is not None:
         if spec.set_recompute_memory is None:
             raise ValueError(
-                f"train.recompute_memory applies to EVL's decoder, not to --method {run.method.name}"
+                f"train.recompute_memory applies to EVL's decoder, not to method {run.method.name}"
             )
         spec.set_recompute_memory(model, recompute)
     caches = [c for c in (train_cache, val_cache) if c is not None]
@@ -271,9 +274,16 @@ def _train(
     optimizer = build_method_optimizer(model, run)
     scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
     compute_dtype = resolve_precision(cfg.precision, dev)
-    # float16 gradients underflow: the loss is scaled up before backward and the gradients down before
-    # the update (a step whose gradients overflowed is skipped and the scale lowered).
-    scaler = torch.amp.GradScaler(dev.type, enabled=needs_grad_scaler(compute_dtype))
+    trainer = TrainStep(
+        model,
+        optimizer,
+        compute_dtype=compute_dtype,
+        label_smoothing=cfg.label_smoothing,
+        batch_split=cfg.batch_split,
+        distributed=env.enabled,
+        batch_size=cfg.batch_size,
+    )
+    scaler = trainer.scaler  # restored from and saved with the checkpoints
     start = 0
     checkpoint_path = find_resumable(run_dir) if resume == "auto" else resume
     if checkpoint_path:
@@ -284,17 +294,18 @@ def _train(
         if not env.is_main:
             # Every process restored rank 0's saved random state: the others start their own stream again.
             torch.manual_seed(rank_seed(cfg.seed + start, env))
-        print(f"resumed from {checkpoint.path} at step {start}")
+        log.info("resumed from %s at step %d", checkpoint.path, start)
     elif cfg.init_from:
         initialise_from(model, cfg.init_from)
     allocate_adamw_state(optimizer)  # before the first activations (peak memory); a resumed one has it
     if start >= cfg.steps:
-        print(f"{run_dir}: already trained for {start} steps")
+        log.info("%s: already trained for %d steps", run_dir, start)
         return TrainResult(run_dir, start, float("nan"), None)
     # Gradients are averaged over processes for the trainable parameters only (DDP skips frozen ones).
     step_model = wrap_ddp(model, env)
     if cfg.compile:
         step_model = torch.compile(step_model)  # checkpoints keep saving ``model`` itself
+    trainer.step_model = step_model
 
     dataset, collate = training_data(run, model, classes, train_entries, train_cache)
     micro_batch = cfg.batch_size // (cfg.batch_split * env.world_size)
@@ -321,49 +332,20 @@ def _train(
     tic = time.perf_counter()
     for step in range(start + 1, cfg.steps + 1):
         model.train()
-        optimizer.zero_grad(set_to_none=True)
         # The step's loss stays on the device (no copy to the host per micro-batch): one read per step.
-        loss_sum = torch.zeros((), device=dev)
-        for micro in range(cfg.batch_split):
-            batch = next(batches)
-            if batch["skipped"]:
-                _record_skipped(run_dir, batch["skipped"])
-            labels = batch["label"].to(dev, non_blocking=True)
-            inputs = (
-                to_frame_features(batch["features"], dev)
-                if "features" in batch
-                else batch["video"].to(dev, non_blocking=True)
-            )
-            # Gradients are exchanged once per step, after the last micro-batch.
-            last = micro == cfg.batch_split - 1
-            sync = step_model.no_sync() if env.enabled and not last else contextlib.nullcontext()
-            try:
-                with sync:
-                    with autocast(compute_dtype, dev):
-                        logits = step_model(inputs)
-                    loss = (
-                        F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-                        / cfg.batch_split
-                    )
-                    scaler.scale(loss).backward()
-            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on: the same class
-                raise DeviceOutOfMemory(
-                    "training", cfg.batch_size, micro_batch, batch_split=cfg.batch_split
-                ) from None
-            loss_sum += loss.detach()
-            del batch, inputs, logits, loss  # this micro-batch's memory is free before the next one
-        loss_value = mean_over_processes(env, loss_sum)
+        loss_value = mean_over_processes(
+            env, trainer.run(_micro_batches(batches, cfg.batch_split, dev, run_dir))
+        )
         if not math.isfinite(loss_value):
             if cfg.on_nonfinite == "stop":
                 raise NonFiniteLossError(
                     f"loss became {loss_value} at step {step}; "
                     f"the last good checkpoint is kept in {run_dir}/checkpoints"
                 )
-            tqdm.write(f"warning: loss {loss_value} at step {step}: update skipped", file=sys.stderr)
-            optimizer.zero_grad(set_to_none=True)
+            log.warning("loss %s at step %d: update skipped", loss_value, step)
+            trainer.skip()
         else:
-            scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
-            scaler.update()
+            trainer.apply()  # optimizer.step(), unless float16 gradients overflowed
         scheduler.step()
         lr = optimizer.param_groups[0]["lr"]
         rows = [(step, "train", "loss", loss_value), (step, "train", "lr", lr)]
@@ -386,8 +368,12 @@ def _train(
                 )
             result = evaluation.result
             rows += [(step, "val", k, v) for k, v in result.to_dict().items() if isinstance(v, float)]
-            bar.write(
-                f"step {step}: val top1 {result.top1:.2f} top5 {result.top5:.2f} ({result.num_videos} videos)"
+            log.info(
+                "step %d: val top1 %.2f top5 %.2f (%d videos)",
+                step,
+                result.top1,
+                result.top5,
+                result.num_videos,
             )
         if env.is_main:
             _append_metrics(metrics_csv, rows)
@@ -422,7 +408,7 @@ def _evaluate_untrained(
 ) -> TrainResult:
     """A model with nothing to train (zero-shot CLIP): the run directory is written and, with a validation
     list, the model evaluated once, as step 0."""
-    print(f"{run_dir}: --method {run.method.name} has no trainable parameters: no training step")
+    log.info("%s: method %s has no trainable parameters: no training step", run_dir, run.method.name)
     evaluation = None
     if val_entries:
         batch = max(1, run.train.batch_size // (run.train.batch_split * env.world_size * 2))
@@ -468,12 +454,31 @@ def evaluate_sharded(
     return Evaluation(scores, labels, paths, result, failed)
 
 
+def _micro_batches(
+    batches: Iterator[dict], count: int, dev: torch.device, run_dir: Path
+) -> Iterator[tuple[Any, torch.Tensor]]:
+    """The next ``count`` loader batches as (inputs, labels) on ``dev``, drawn one at a time."""
+    for _ in range(count):
+        batch = next(batches)
+        if batch["skipped"]:
+            _record_skipped(run_dir, batch["skipped"])
+        labels = batch["label"].to(dev, non_blocking=True)
+        inputs = (
+            to_frame_features(batch["features"], dev)
+            if "features" in batch
+            else batch["video"].to(dev, non_blocking=True)
+        )
+        del batch
+        yield inputs, labels
+        del inputs, labels  # released before the next batch is drawn
+
+
 def _record_skipped(run_dir: Path, skipped: list) -> None:
     with (run_dir / "skipped_videos.txt").open("a") as f:
         for s in skipped:
             f.write(f"{s.path}\t{s.reason}\n")
     for s in skipped:
-        tqdm.write(f"warning: skipped undecodable video ({s.reason})", file=sys.stderr)
+        log.warning("skipped undecodable video (%s)", s.reason)
 
 
 class _NoWriter:
@@ -488,6 +493,6 @@ def _tensorboard(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is a dependency, but a trimmed install should still train
-        print("tensorboard is not installed: logging to metrics.csv only")
+        log.info("tensorboard is not installed: logging to metrics.csv only")
         return _NoWriter()
     return SummaryWriter(str(run_dir / "tb"))
