@@ -25,8 +25,8 @@ from evl.engine.features import FeatureCache, evaluate_cached, extract, to_frame
 from evl.engine.loading import default_num_workers, loader_options, processes_per_node
 from evl.models.evl import EVL
 from evl.recipes import RecipeError, build_run_config, load_resolved, save_resolved
-from evl.synth import make_dataset
 from evl.video.lists import read_list
+from factories import tiny_dataset
 
 
 def on(tensor: torch.Tensor, device: torch.device) -> bool:
@@ -189,10 +189,7 @@ NUM_FRAMES = 2
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     # 4 classes, one validation video each: 6 frames of 32 px.
-    root = tmp_path_factory.mktemp("synth")
-    return make_dataset(
-        root, num_train_per_class=1, num_val_per_class=1, num_frames=6, size=32, progress=False
-    )
+    return tiny_dataset(tmp_path_factory.mktemp("synth"), train_per_class=1, frames=6, size=32)
 
 
 def tiny_model(num_classes: int, device: torch.device) -> EVL:

@@ -19,19 +19,16 @@ from evl.engine.predict import Predictor
 from evl.engine.run import load_run
 from evl.engine.train import train
 from evl.recipes import build_run_config
-from evl.synth import make_dataset
 from evl.video.lists import read_list
+from factories import tiny_dataset
 
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
     # 4 classes: 8 training and 4 validation videos of 10 frames at 48 px.
-    return make_dataset(
-        root, num_train_per_class=2, num_val_per_class=1, num_frames=10, size=48, progress=False
-    )
+    return tiny_dataset(tmp_path_factory.mktemp("synth"))
 
 
 def flags(dataset) -> dict[str, object]:
