@@ -540,13 +540,15 @@ def _setting_advice(err: SettingError) -> str:
     return f"; pass {flags[err.field]}" if err.field in flags else ""
 
 
-def _memory_advice(err: DeviceOutOfMemory) -> str:
+def _memory_advice(err: DeviceOutOfMemory, command: str) -> str:
     """What to pass next time, by the flags of the command that ran out of memory."""
     if err.stage == "training":
         return (
             f"pass --batch-split {2 * err.batch_split} (or more) to run the same batch of {err.batch_size} "
             "in smaller micro-batches; the last good checkpoint is kept and --resume auto continues from it"
         )
+    if command == "predict":  # one video at a time already: only its views or the device can change
+        return "the views of one video do not fit: use a device with more memory or --device cpu"
     return f"pass a smaller --batch-size (now {err.batch_size})"
 
 
@@ -586,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     except DeviceOutOfMemory as err:
         if os.environ.get("EVL_DEBUG"):
             raise
-        print(f"evl {args.command}: error: {err}; {_memory_advice(err)}", file=sys.stderr)
+        print(f"evl {args.command}: error: {err}; {_memory_advice(err, args.command)}", file=sys.stderr)
         return 2
     except USER_ERRORS as err:
         if os.environ.get("EVL_DEBUG"):

@@ -8,29 +8,29 @@ A listed video that cannot be decoded (policy ``skip``) is never dropped silentl
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from evl.config import DataConfig, MethodConfig
-from evl.devices import DeviceOutOfMemory
 from evl.engine.loading import loader_options
-from evl.engine.methods import METHODS, inference_context, method_spec, set_classes
+from evl.engine.methods import METHODS, method_spec, set_classes
 from evl.engine.metrics import (
     EvalResult,
-    average_views,
     confusion_matrix,
     harmonic_mean,
     label_ranks,
     write_scores,
 )
 from evl.engine.plots import plot_confusion_matrix
+from evl.engine.scoring import evaluation_out_of_memory as evaluation_out_of_memory
+from evl.engine.scoring import forward_or_none as forward_or_none
+from evl.engine.scoring import model_device as model_device
+from evl.engine.scoring import score_batches
 from evl.io import atomic_write_text
 from evl.video.dataset import EvalClips, collate_eval
 from evl.video.lists import VideoEntry, read_class_names, read_list
@@ -87,6 +87,26 @@ class Evaluation:
     def decoded(self) -> np.ndarray:
         return ~np.isnan(self.scores).any(axis=1)
 
+    @classmethod
+    def summarised(
+        cls,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        paths: list[str],
+        failed: list[tuple[str, str]],
+        decoded: np.ndarray | None = None,
+    ) -> Evaluation:
+        """The evaluation of all listed videos' ``scores`` [N, C]; ``decoded`` [N] marks the rows that were
+        scored (default: the rows without NaN)."""
+        if decoded is None:
+            decoded = ~np.isnan(scores).any(axis=1)
+        result = EvalSummary.from_listed(scores, labels, decoded, scores.shape[1])
+        return cls(scores, labels, paths, result, failed)
+
+
+def entry_labels(entries: Sequence[VideoEntry]) -> np.ndarray:
+    return np.array([e.label for e in entries], dtype=np.int64)
+
 
 def eval_sampling(data: DataConfig) -> SamplingConfig:
     return SamplingConfig(
@@ -101,10 +121,6 @@ def eval_transform(model: torch.nn.Module, data: DataConfig) -> EvalTransform:
     return build_eval_transform(
         TransformConfig.from_backbone(model.vision_config, num_spatial_views=data.num_spatial_views)
     )
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def eval_loader(
@@ -126,26 +142,6 @@ def eval_loader(
     )
 
 
-def forward_or_none(forward: Callable[..., torch.Tensor], *inputs: Any) -> torch.Tensor | None:
-    """``forward(*inputs)``, or None when the device ran out of memory during it.
-
-    The caller raises its error after this returns, outside the handler: the traceback of the failed
-    forward pass, whose frames hold its activations, is gone by then and the memory is free again.
-    """
-    try:
-        return forward(*inputs)
-    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on: the same class
-        return None
-
-
-def evaluation_out_of_memory(batch_size: int, clips_per_forward: int) -> DeviceOutOfMemory:
-    """The error of an evaluation forward pass that ran out of memory, once the memory the allocator
-    still caches is handed back (the caller may go on, e.g. training after a failed validation)."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return DeviceOutOfMemory("evaluation", batch_size, clips_per_forward)
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -161,41 +157,19 @@ def evaluate(
     the first one raises :class:`~evl.video.decode.VideoDecodeError`.
     """
     model.eval()
-    device = model_device(model)
-    num_classes = model.num_classes
-    scores = np.full((len(entries), num_classes), np.nan, dtype=np.float64)
-    failed: list[tuple[str, str]] = []
-    paths = [""] * len(entries)
-    seen = np.zeros(len(entries), dtype=bool)
-    decoded = np.zeros(len(entries), dtype=bool)
-    bar = tqdm(total=len(entries), desc="eval", unit="video", disable=not progress, leave=False)
-    # Text methods encode their class prompts once for the whole evaluation.
-    with inference_context(model):
-        for batch in eval_loader(model, entries, data, batch_size):
-            for index, path, reason in batch["failed"]:
-                failed.append((path, reason))
-                paths[index] = path
-                seen[index] = True
-            if batch["video"] is not None:
-                video = batch["video"].to(device, non_blocking=True)  # [B, V, T, 3, S, S]
-                b, v = video.shape[:2]
-                logits = forward_or_none(model, video.flatten(0, 1))
-                if logits is None:
-                    del video
-                    bar.close()
-                    raise evaluation_out_of_memory(batch_size, b * v) from None
-                logits = logits.float().view(b, v, -1)
-                scores[batch["index"]] = average_views(logits.cpu(), mode="prob")
-                for index, path in zip(batch["index"], batch["path"], strict=True):
-                    paths[index] = path
-                    seen[index] = decoded[index] = True
-            bar.update(len(batch["failed"]) + len(batch["index"]))
-    bar.close()
-    if not seen.all():  # a guard on the loader contract: each video exactly once
-        raise RuntimeError(f"evaluation missed {int((~seen).sum())} videos")
-    labels = np.array([e.label for e in entries], dtype=np.int64)
-    result = EvalSummary.from_listed(scores, labels, decoded, num_classes)
-    return Evaluation(scores, labels, paths, result, failed)
+    scored = score_batches(
+        model,
+        eval_loader(model, entries, data, batch_size),
+        len(entries),
+        model.num_classes,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    if not scored.seen.all():  # a guard on the loader contract: each video exactly once
+        raise RuntimeError(f"evaluation missed {int((~scored.seen).sum())} videos")
+    return Evaluation.summarised(
+        scored.scores, entry_labels(entries), scored.paths, scored.failed, scored.scored
+    )
 
 
 def write_evaluation(

@@ -35,15 +35,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from evl.config import RunConfig, VisionConfig, to_dict
-from evl.engine.evaluate import (
-    EvalSummary,
-    Evaluation,
-    eval_sampling,
-    eval_transform,
-    evaluation_out_of_memory,
-    forward_or_none,
-)
+from evl.engine.evaluate import Evaluation, eval_sampling, eval_transform
 from evl.engine.loading import loader_options
+from evl.engine.scoring import score_batches
 from evl.io import atomic_write_text
 from evl.models.evl import EVL, FrameFeatures
 from evl.video.dataset import EvalClips, StreamOrder, collate_eval
@@ -426,11 +420,9 @@ def evaluate_cached(
     model.eval()
     device = next(model.decoder.parameters()).device
     entries = cache.entries()
-    num_classes = model.config.decoder.num_classes
     status = np.asarray(cache.status())
     if (status == PENDING).any():
         cache.done_indices()  # raises the incomplete-extraction error
-    scores = np.full((len(entries), num_classes), np.nan, dtype=np.float64)
     done = np.flatnonzero(status == DONE)
     loader = DataLoader(
         CachedRows(cache, done, model.blocks),
@@ -439,16 +431,23 @@ def evaluate_cached(
         collate_fn=collate_cached,
         **loader_options(device, num_workers),
     )
-    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        rows = np.asarray(batch["index"], dtype=np.int64)
-        features = to_frame_features(batch["features"], device)
-        logits = forward_or_none(model.forward_head, features)
-        if logits is None:
-            del features
-            raise evaluation_out_of_memory(batch_size, len(rows)) from None
-        scores[rows] = logits.float().softmax(-1).cpu().numpy()
+    scored = score_batches(
+        model,
+        loader,
+        len(entries),
+        model.config.decoder.num_classes,
+        forward=model.forward_head,
+        to_device=_cached_inputs,
+        batch_size=batch_size,
+        progress=progress,
+        total=len(done),
+    )
     labels = np.array([label for _, label in entries], dtype=np.int64)
     paths = [path for path, _ in entries]
     failed = [(paths[i], "skipped at extraction") for i in np.flatnonzero(status == SKIPPED)]
-    result = EvalSummary.from_listed(scores, labels, status == DONE, num_classes)
-    return Evaluation(scores, labels, paths, result, failed)
+    return Evaluation.summarised(scored.scores, labels, paths, failed, status == DONE)
+
+
+def _cached_inputs(batch: dict[str, Any], device: torch.device) -> tuple[list[FrameFeatures], int]:
+    # A cache holds one view per video (the centre clip, the centre crop).
+    return to_frame_features(batch["features"], device), 1

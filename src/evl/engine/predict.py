@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from evl.config import DataConfig, MethodConfig
-from evl.engine.evaluate import eval_sampling, eval_transform, model_device
-from evl.engine.methods import ZEROSHOT, inference_context
-from evl.engine.metrics import average_views
+from evl.engine.evaluate import eval_sampling, eval_transform
+from evl.engine.methods import ZEROSHOT
 from evl.engine.run import LoadedRun, load_run, zeroshot_run
+from evl.engine.scoring import score_batches
 from evl.video.dataset import load_views
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"}
@@ -63,10 +63,9 @@ class Predictor:
         views = load_views(Path(path), self.sampling, self.transform)  # [V, T, 3, S, S]
         # Not pinned: one video's views are copied once and the forward pass waits for them at once, so
         # staging them in page-locked memory would add a host copy and save nothing.
-        views = views.to(model_device(self.model), non_blocking=True)
-        with inference_context(self.model):
-            logits = self.model(views).float().cpu()
-        return torch.from_numpy(average_views(logits[None], mode="prob")[0])
+        batch = {"video": views[None], "index": [0], "path": [str(path)]}
+        scored = score_batches(self.model, [batch], 1, self.model.num_classes, batch_size=1, progress=False)
+        return torch.from_numpy(scored.scores[0])
 
     def predict(self, path: str | Path, topk: int = 5) -> Prediction:
         probs = self.probabilities(path)

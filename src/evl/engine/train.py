@@ -34,7 +34,7 @@ from evl.engine.distributed import (
     shutdown,
     wrap_ddp,
 )
-from evl.engine.evaluate import EvalSummary, Evaluation, eval_sampling, evaluate
+from evl.engine.evaluate import Evaluation, entry_labels, eval_sampling, evaluate
 from evl.engine.features import BACKBONE_FILE as CACHE_BACKBONE_FILE
 from evl.engine.features import (
     CachedClips,
@@ -439,8 +439,7 @@ def evaluate_sharded(
     shard = list(range(env.rank, len(entries), env.world_size))
     part = evaluate(model, [entries[i] for i in shard], data, batch_size=batch_size, progress=progress)
     pieces = all_gather_objects(env, (shard, part.scores, part.paths, part.failed))
-    num_classes = model.num_classes
-    scores = np.full((len(entries), num_classes), np.nan)
+    scores = np.full((len(entries), model.num_classes), np.nan)
     paths = [""] * len(entries)
     failed: list[tuple[str, str]] = []
     for indices, part_scores, part_paths, part_failed in pieces:
@@ -448,10 +447,7 @@ def evaluate_sharded(
         for i, path in zip(indices, part_paths, strict=True):
             paths[i] = path
         failed += part_failed
-    labels = np.array([e.label for e in entries], dtype=np.int64)
-    decoded = ~np.isnan(scores).any(axis=1)
-    result = EvalSummary.from_listed(scores, labels, decoded, num_classes)
-    return Evaluation(scores, labels, paths, result, failed)
+    return Evaluation.summarised(scores, entry_labels(entries), paths, failed)
 
 
 def _micro_batches(
