@@ -34,10 +34,9 @@ from typing import Any
 import torch
 
 from evl.bench import BenchConfig, _timed, _video
-from evl.devices import resolve_precision
+from evl.devices import autocast, resolve_precision
 from evl.engine.optim import allocate_adamw_state, build_optimizer
 from evl.engine.step import TrainStep
-from evl.engine.train import autocast_for
 from evl.models.evl import EVL
 from evl.runtime import tune_cpu_allocator
 
@@ -105,7 +104,7 @@ def build_sides(official_dir: Path, device: torch.device) -> dict[str, dict[str,
     def our_inference(video: torch.Tensor) -> None:
         # The forward of evl.bench.measure_inference.
         ours.eval()
-        with torch.inference_mode(), autocast_for("auto", device):
+        with torch.inference_mode(), autocast(resolve_precision("auto", device), device):
             ours(video)
 
     official = _official_model(_import_official(official_dir), device)

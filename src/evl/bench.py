@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from evl.config import ModelConfig, model_preset
-from evl.devices import resolve_precision
+from evl.devices import autocast, resolve_precision
 from evl.engine.features import (
     CacheMeta,
     FeatureCache,
@@ -39,7 +39,6 @@ from evl.engine.features import (
 )
 from evl.engine.optim import allocate_adamw_state, build_optimizer
 from evl.engine.step import TrainStep
-from evl.engine.train import autocast_for
 from evl.flops import count_flops
 from evl.models.evl import EVL, FrameFeatures
 from evl.runtime import tune_cpu_allocator
@@ -175,7 +174,7 @@ def measure_inference(bench: BenchConfig, device: torch.device, batch: int) -> d
     _, model, video = _eval_model_and_video(bench, device, batch)
 
     def forward() -> None:
-        with torch.inference_mode(), autocast_for("auto", device):
+        with torch.inference_mode(), autocast(resolve_precision("auto", device), device):
             model(video)
 
     seconds = _median_time(forward, bench.repeats, device)

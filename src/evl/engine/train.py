@@ -3,7 +3,6 @@ atomic checkpoints and exact resumption."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from evl.config import DataConfig, RunConfig, SettingError
-from evl.devices import autocast, configure_device, pick_device, resolve_precision
+from evl.devices import configure_device, pick_device, resolve_precision
 from evl.engine.checkpoint import find_resumable, load_checkpoint, save_checkpoint
 from evl.engine.distributed import (
     DistEnv,
@@ -185,11 +184,6 @@ def adopt_cached_backbone(cache_dir: str, run_dir: Path) -> None:
     cached, own = Path(cache_dir) / CACHE_BACKBONE_FILE, run_dir / BACKBONE_FILE
     if cached.is_file() and not own.exists():
         shutil.copyfile(cached, own)
-
-
-def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for the training forward: ``precision`` as :func:`evl.devices.resolve_precision` reads it."""
-    return autocast(resolve_precision(precision, device), device)
 
 
 def _append_metrics(path: Path, rows: list[tuple[int, str, str, float]]) -> None:
