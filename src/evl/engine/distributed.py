@@ -13,6 +13,7 @@ GPU memory only and rejects a CPU tensor, gloo works on the CPU.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -169,5 +170,12 @@ _NO_FORWARD_BUFFER_SYNC: dict[str, bool] = (
 
 
 def shutdown(env: DistEnv) -> None:
+    """Leave the process group, once every process is done with it.
+
+    The group's backend threads are stopped here, while the interpreter is whole: whatever still refers to
+    the group through a reference cycle (a DDP reducer, a finished work object) is collected first, since
+    being torn down later, at interpreter exit, is where a backend's worker thread can abort the process.
+    """
     if env.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
