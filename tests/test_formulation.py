@@ -9,14 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from evl.config import model_preset
-from evl.devices import resolve_formulation
+from evl.devices import resolve_formulation, resolve_precision
 from evl.models.evl import (
     EVL,
     FrameFeatures,
     TemporalConv,
     TemporalCrossAttention,
     TemporalPosEmbed,
-    resolve_backbone_dtype,
     temporal_residual,
 )
 from evl.models.layers import weights_fingerprint
@@ -128,7 +127,7 @@ def test_frozen_backbone_is_stored_in_its_compute_dtype_and_keeps_its_fingerprin
     model = EVL(tiny_config())
     before = weights_fingerprint(model.backbone)
     model.to(device)
-    dtype = resolve_backbone_dtype("auto", device) if device.type == "cuda" else torch.float32
+    dtype = resolve_precision("auto", device) if device.type == "cuda" else torch.float32
     assert {p.dtype for p in model.backbone.parameters()} == {dtype}
     assert {p.dtype for p in model.decoder.parameters()} == {torch.float32}  # trained in float32
     assert model.backbone_fingerprint() == before

@@ -58,10 +58,11 @@ def native_half_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """A precision name -> the compute dtype on ``device``. "auto": float32 on CPUs, the GPU's native half
-    type otherwise (:func:`native_half_dtype`)."""
-    check_precision(name)
+def resolve_precision(name: str, device: torch.device, field: str = "precision") -> torch.dtype:
+    """A precision name -> the compute dtype on ``device``. "auto": float32 on CPUs (where half precision is
+    emulated, many times slower), the GPU's native half type otherwise (:func:`native_half_dtype`).
+    ``field`` names the setting in the error for an unknown name."""
+    check_precision(name, field)
     if name != "auto":
         return DTYPES[name]
     if device.type == "cpu":

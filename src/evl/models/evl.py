@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from evl.config import DecoderConfig, ModelConfig, VisionConfig
-from evl.devices import PRECISIONS, autocast, resolve_formulation, resolve_precision
+from evl.devices import autocast, resolve_formulation, resolve_precision
 from evl.models.clip_vit import BlockFeatures, CLIPVisionTransformer
 from evl.models.frame_features import FrameFeatures, frame_features, write_block
 from evl.models.layers import LayerNorm, QuickGELU, TrainableStateModule, weights_fingerprint
@@ -46,7 +46,6 @@ __all__ = [
     "TemporalConv",
     "TemporalCrossAttention",
     "TemporalPosEmbed",
-    "resolve_backbone_dtype",
     "temporal_residual",
 ]
 
@@ -386,14 +385,6 @@ class ClassifierHead(nn.Module):
 # ----------------------------------------------------------------------------------------------- model
 
 
-def resolve_backbone_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The backbone's compute dtype; "auto" is float32 on CPUs (where half precision is emulated, many
-    times slower) and the GPU's native half type on CUDA (:func:`evl.devices.resolve_precision`)."""
-    if name not in PRECISIONS:
-        raise ValueError(f"unknown backbone dtype {name!r}; expected {', '.join(PRECISIONS)}")
-    return resolve_precision(name, device)
-
-
 class EVL(TrainableStateModule):
     """Video classifier: videos [B, T, 3, H, W] (normalised) -> logits [B, num_classes]."""
 
@@ -449,7 +440,7 @@ class EVL(TrainableStateModule):
         super().to(*args, **kwargs)
         if self.frozen:
             device = self.backbone.conv1.weight.device
-            dtype = resolve_backbone_dtype(self.config.backbone_dtype, device)
+            dtype = resolve_precision(self.config.backbone_dtype, device, "backbone.dtype")
             if device.type == "cuda" and dtype != self.backbone.conv1.weight.dtype:
                 self.backbone_fingerprint()  # of the weights as loaded, before the rounding
                 self.backbone.to(dtype)
@@ -475,7 +466,7 @@ class EVL(TrainableStateModule):
 
     # -------------------------------------------------------------------------------------------- forwards
     def _backbone_context(self, device: torch.device) -> contextlib.AbstractContextManager:
-        return autocast(resolve_backbone_dtype(self.config.backbone_dtype, device), device)
+        return autocast(resolve_precision(self.config.backbone_dtype, device, "backbone.dtype"), device)
 
     def extract_block_features(
         self, video: torch.Tensor, blocks: Sequence[int] | None = None

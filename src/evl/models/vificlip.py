@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from evl.config import VisionConfig
-from evl.devices import autocast
+from evl.devices import autocast, check_precision, resolve_precision
 from evl.models.clip_text import CLIPTextTransformer
 from evl.models.clip_vit import CLIPVisionTransformer
-from evl.models.evl import resolve_backbone_dtype
 from evl.models.layers import TrainableStateModule
 
 __all__ = [
@@ -101,7 +100,7 @@ class VideoCLIP(TrainableStateModule):
                 f"image embeddings have {visual.config.output_dim} dims but text embeddings "
                 f"{text.config.output_dim}; the towers must come from the same CLIP model"
             )
-        resolve_backbone_dtype(compute_dtype, torch.device("cpu"))  # reject a bad name now, not at forward
+        check_precision(compute_dtype, "backbone.dtype")  # reject a bad name now, not at forward
         self.tune = tune
         self.compute_dtype = compute_dtype
         self.visual = visual
@@ -226,7 +225,7 @@ class VideoCLIP(TrainableStateModule):
 
     # -------------------------------------------------------------------------------------------- forwards
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        return autocast(resolve_backbone_dtype(self.compute_dtype, device), device)
+        return autocast(resolve_precision(self.compute_dtype, device, "backbone.dtype"), device)
 
     @staticmethod
     def _grad(trainable: bool) -> contextlib.AbstractContextManager:
