@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 
 from evl.config import DataConfig, MethodConfig
-from evl.engine.evaluate import eval_sampling, eval_transform
 from evl.engine.methods import ZEROSHOT
 from evl.engine.run import LoadedRun, load_run, zeroshot_run
 from evl.engine.scoring import score_batches
-from evl.video.dataset import load_views
+from evl.video.dataset import EvalViews
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"}
 
@@ -53,14 +52,12 @@ class Predictor:
         self.run = run
         self.model = run.model
         self.classes = run.classes
-        data = run.run.data
-        self.sampling = eval_sampling(data)
-        self.transform = eval_transform(self.model, data)
+        self.views = EvalViews.for_encoder(run.run.data, self.model.vision_config)
 
     @torch.no_grad()
     def probabilities(self, path: str | Path) -> torch.Tensor:
         """Class probabilities [C] of one video (softmax averaged over views)."""
-        views = load_views(Path(path), self.sampling, self.transform)  # [V, T, 3, S, S]
+        views = self.views.load(Path(path))  # [V, T, 3, S, S]
         # Not pinned: one video's views are copied once and the forward pass waits for them at once, so
         # staging them in page-locked memory would add a host copy and save nothing.
         batch = {"video": views[None], "index": [0], "path": [str(path)]}

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from evl.config import DataConfig, VisionConfig
 from evl.video.decode import VideoDecodeError, printable_path, probe, read_frames
 from evl.video.lists import VideoEntry, resolve_path
 from evl.video.sampling import SamplingConfig, temporal_views
-from evl.video.transforms import EvalTransform, TrainTransform
+from evl.video.transforms import EvalTransform, TrainTransform, TransformConfig, build_eval_transform
 
 # How many other videos a training sample tries before giving up, when its own cannot be decoded.
 MAX_REPLACEMENTS = 10
@@ -47,9 +48,23 @@ def load_clips(path: Path, sampling: SamplingConfig, rng: np.random.Generator | 
     return frames.reshape(*indices.shape, *frames.shape[1:])
 
 
-def load_views(path: Path, sampling: SamplingConfig, transform: EvalTransform) -> torch.Tensor:
-    """Every evaluation view of one video: float32 [Vt*Vs, T, 3, S, S], temporal-major."""
-    return torch.cat([transform(clip) for clip in load_clips(path, sampling, rng=None)])
+@dataclass(frozen=True)
+class EvalViews:
+    """What one video becomes for evaluation and prediction alike: ``Vt`` clips spread over its length
+    (``sampling``), each resized, cut into ``Vs`` crops and normalised for the encoder (``transform``)."""
+
+    sampling: SamplingConfig
+    transform: EvalTransform
+
+    @classmethod
+    def for_encoder(cls, data: DataConfig, vision: VisionConfig) -> EvalViews:
+        """The views a run's data settings ask for, in the image encoder's size, mean and std."""
+        transform = TransformConfig.from_backbone(vision, num_spatial_views=data.num_spatial_views)
+        return cls(SamplingConfig.from_data(data), build_eval_transform(transform))
+
+    def load(self, path: Path) -> torch.Tensor:
+        """Every view of the video in ``path``: float32 [Vt*Vs, T, 3, S, S], temporal-major."""
+        return torch.cat([self.transform(clip) for clip in load_clips(path, self.sampling, rng=None)])
 
 
 def _generators(seed: int, position: int) -> tuple[np.random.Generator, torch.Generator]:
@@ -164,7 +179,7 @@ class EvalClips(Dataset):
             "error": None,
         }
         try:
-            item["video"] = load_views(path, self.sampling, self.transform)
+            item["video"] = EvalViews(self.sampling, self.transform).load(path)
         except VideoDecodeError as err:
             if self.on_bad_video == "error":
                 raise

@@ -17,6 +17,8 @@ from typing import Literal
 
 import numpy as np
 
+from evl.config import DataConfig
+
 SamplingKind = Literal["dense", "segment"]
 
 
@@ -37,6 +39,16 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig: kind must be 'dense' or 'segment', got {self.kind!r}")
         _check_positive(
             num_frames=self.num_frames, stride=self.stride, num_temporal_views=self.num_temporal_views
+        )
+
+    @classmethod
+    def from_data(cls, data: DataConfig) -> SamplingConfig:
+        """The sampling a run's data settings describe (training draws one of the temporal views)."""
+        return cls(
+            kind=data.sampling,  # type: ignore[arg-type]  # DataConfig validates it
+            num_frames=data.num_frames,
+            stride=data.frame_stride,
+            num_temporal_views=data.num_temporal_views,
         )
 
     @property
