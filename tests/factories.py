@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from evl.config import DecoderConfig, ModelConfig, VisionConfig
+from evl.config import DecoderConfig, ModelConfig, RunConfig, VisionConfig
 from evl.models.evl import EVL
+from evl.recipes import build_run_config
 from evl.synth import make_dataset
 
 # A transformers CLIP vision config with odd sizes, which expose swapped axes: width 48, 3 heads of 16,
@@ -264,3 +265,21 @@ def train_flags(
         "--quiet",
         *extra,
     ]  # fmt: skip
+
+
+def tiny_run(dataset, *overrides: str, steps: int = 2, batch_size: int = 4, val: bool = True) -> RunConfig:
+    """The run :func:`train_flags` describes, as the engine takes it (``evl.engine.train.train(run, dir)``).
+    ``overrides`` are ``section.key=value`` texts, as ``--set`` takes them."""
+    flags = {
+        "data.data_root": str(dataset.root),
+        "data.train_list": str(dataset.train_list),
+        "data.val_list": str(dataset.val_list) if val else None,
+        "data.classes": str(dataset.classes_file),
+        "backbone.name": TINY_BACKBONE,
+        "data.num_frames": 4,
+        "data.frame_stride": 2,
+        "train.steps": steps,
+        "train.batch_size": batch_size,
+        "data.num_workers": 0,
+    }
+    return build_run_config(None, overrides, **flags)

@@ -1,9 +1,10 @@
 """Mixed precision: the decoder under bf16 and fp16 autocast against float32 (forward and every gradient),
-the dtype each custom kernel computes in, precision choices per device, and training through the CLI."""
+the dtype each custom kernel computes in, precision choices per device, training in half precision, and
+the CLI's one-line refusal of an unknown precision."""
 
 from __future__ import annotations
 
-import json
+import math
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from evl.cli import main as cli_main
 from evl.config import TrainConfig
 from evl.devices import autocast, native_half_dtype, needs_grad_scaler, resolve_precision
 from evl.engine.checkpoint import load_checkpoint
+from evl.engine.train import train
 from evl.models.evl import (
     EVL,
     FrameFeatures,
@@ -23,7 +25,7 @@ from evl.models.evl import (
 )
 from evl.models.layers import LayerNorm
 from evl.models.ops.attention import attend_memory
-from factories import random_maps, randomize_, tiny_config, tiny_dataset, train_flags
+from factories import random_maps, randomize_, tiny_config, tiny_dataset, tiny_run, train_flags
 
 # Relative L2 errors against float32, about 3x what this test measures (bf16 keeps 8 significant bits,
 # fp16 11): logits; each parameter's gradient, relative to its own norm or, for gradients that are
@@ -123,7 +125,7 @@ def test_unknown_precision_is_a_one_line_error():
         TrainConfig(precision="bf16")
 
 
-# --------------------------------------------------------------------------------------- through the CLI
+# ------------------------------------------------------------------------------------------ training runs
 
 
 @pytest.fixture(scope="module")
@@ -138,12 +140,18 @@ def train_args(dataset, run_dir, precision, steps=2):
     )  # fmt: skip
 
 
+def half_run(dataset, precision, steps=2):
+    return tiny_run(
+        dataset, "train.batch_split=2", "train.warmup_steps=0", f"train.eval_every={steps}",
+        "train.save_every=1", "decoder.num_layers=2", f"train.precision={precision}", steps=steps,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
-def test_cli_trains_in_half_precision(dataset, tmp_path, capsys, precision):
+def test_trains_in_half_precision(dataset, tmp_path, precision):
     run_dir = tmp_path / precision
-    assert cli_main(train_args(dataset, run_dir, precision)) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["step"] == 2 and torch.isfinite(torch.tensor(result["final_loss"]))
+    result = train(half_run(dataset, precision), run_dir, progress=False)
+    assert result.step == 2 and math.isfinite(result.final_loss)
     checkpoint = load_checkpoint(run_dir)
     assert all(t.dtype == torch.float32 for t in checkpoint.model_state.values())
     # float16 trains with a gradient scaler, whose state a resumed run needs; bfloat16 needs none.
@@ -151,7 +159,7 @@ def test_cli_trains_in_half_precision(dataset, tmp_path, capsys, precision):
     if precision == "float16":
         assert checkpoint.train_state["scaler"]["scale"] > 0
         # Resuming restores the scaler and continues.
-        assert cli_main(train_args(dataset, run_dir, precision, steps=3)) == 0
+        assert train(half_run(dataset, precision, steps=3), run_dir, progress=False).step == 3
         assert load_checkpoint(run_dir).step == 3
 
 
