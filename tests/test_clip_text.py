@@ -20,12 +20,14 @@ from transformers import (
     CLIPVisionModel,
 )
 
-from evl.models.clip_text import CLIPTextTransformer, TextConfig
+from evl.config import TextConfig
+from evl.models.clip_text import CLIPTextTransformer
+from evl.models.registry import load_clip_text
 from evl.weights import (
     WeightFormatError,
     clip_text_state_dict,
     infer_text_config,
-    load_clip_text,
+    read_clip_text,
     read_logit_scale,
     read_state_dict,
 )
@@ -186,6 +188,16 @@ def test_openai_plain_state_dict_matches_openai_forward(tmp_path):
     assert logit_scale == pytest.approx(4.6052)
     diff = _max_diff(our_embedding(model), _reference(text))
     assert diff <= 1e-5, diff
+
+
+def test_reading_gives_config_float32_tensors_and_logit_scale(tmp_path):
+    text = random_openai_text()
+    path = tmp_path / "clip_half.pt"
+    torch.save({**{k: v.half() for k, v in text.items()}, "logit_scale": torch.tensor(4.6052)}, path)
+    config, tensors, logit_scale = read_clip_text(path, heads=HEADS)
+    assert config == infer_text_config(text, heads=HEADS)
+    assert tensors.keys() == text.keys() and {v.dtype for v in tensors.values()} == {torch.float32}
+    assert logit_scale == pytest.approx(4.6052)
 
 
 class _OpenAIArchive(CLIPTextTransformer):

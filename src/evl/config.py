@@ -99,6 +99,38 @@ def vision_preset(name: str, **overrides: Any) -> VisionConfig:
 
 
 @dataclass(frozen=True)
+class TextConfig:
+    """A CLIP text transformer (OpenAI layout)."""
+
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    context_length: int = 77
+    vocab_size: int = 49408
+    # ``text_projection`` columns: the joint embedding size. None: no projection (HF ``CLIPTextModel``),
+    # the embedding is the pooled width-sized token.
+    output_dim: int | None = 512
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-5
+    activation: str = "quick_gelu"
+    # The end-of-text token, whose output is the sentence embedding. OpenAI's vocabulary puts it last
+    # (49407), which is why the reference pools at ``argmax(token_ids)``.
+    eot_token_id: int = 49407
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"TextConfig: width {self.width} is not divisible by heads {self.heads}")
+        if not 0 <= self.eot_token_id < self.vocab_size:
+            raise ValueError(
+                f"TextConfig: eot_token_id {self.eot_token_id} is outside the vocabulary of {self.vocab_size}"
+            )
+
+    @property
+    def mlp_width(self) -> int:
+        return round(self.width * self.mlp_ratio)
+
+
+@dataclass(frozen=True)
 class DecoderConfig:
     """The EVL decoder and classification head.
 

@@ -25,9 +25,9 @@ from evl.models.xclip import XCLIP, XCLIPConfig
 from evl.weights import (
     DEFAULT_LOGIT_SCALE,
     WeightFormatError,
-    load_clip_text,
     load_clip_vision,
     load_official_evl,
+    read_clip_text,
 )
 
 # File names OpenAI publishes its checkpoints under (and ``clip.load`` caches them as).
@@ -175,6 +175,32 @@ class CLIPTowers(NamedTuple):
     text: CLIPTextTransformer
     logit_scale: float
     name: str
+
+
+def load_clip_text(path: str | Path, **overrides: Any) -> tuple[CLIPTextTransformer, float]:
+    """A CLIP text encoder from any format :func:`evl.weights.read_clip_text` reads, loaded strict.
+
+    Returns the float32 module and the checkpoint's ``logit_scale`` (see
+    :func:`evl.weights.read_logit_scale`). ``overrides`` set :class:`TextConfig` fields the file cannot tell
+    or that should differ (``heads``, ``activation``, ``eot_token_id``, ...); OpenAI and open_clip files
+    store neither heads nor activation. Any mismatch with the module is a one-line :class:`WeightFormatError`.
+    """
+    config, text, logit_scale = read_clip_text(path, **overrides)
+    source = str(path)
+    model = CLIPTextTransformer(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(text)), sorted(set(text) - expected)
+    if missing or unexpected:
+        raise WeightFormatError(
+            f"{source}: the text encoder does not fit CLIP's text transformer "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    try:
+        model.load_state_dict(text, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise WeightFormatError(f"{source}: text encoder tensors have the wrong shapes ({detail})") from None
+    return model, logit_scale
 
 
 def create_clip(

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evl.config import IMAGENET_MEAN, IMAGENET_STD, VisionConfig
-from evl.models.clip_text import CLIPTextTransformer, TextConfig
+from evl.config import IMAGENET_MEAN, IMAGENET_STD, TextConfig, VisionConfig
+from evl.models.clip_text import CLIPTextTransformer
 from evl.models.layers import LayerNorm, TrainableStateModule
 from evl.models.xclip_parts import (
     CrossFrameCommunicationTransformer,

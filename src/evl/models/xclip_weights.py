@@ -17,32 +17,31 @@ Loading is strict: every tensor is used, none is missing, and shapes agree; anyt
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from evl.config import IMAGENET_MEAN, IMAGENET_STD, VisionConfig
-from evl.models.clip_text import TextConfig
+from evl.config import IMAGENET_MEAN, IMAGENET_STD, TextConfig, VisionConfig
 from evl.models.xclip import XCLIP, XCLIPConfig
-from evl.weights import WeightFormatError, apply_renames, read_state_dict
-
-Tensors = dict[str, torch.Tensor]
+from evl.weights import (
+    Tensors,
+    WeightFormatError,
+    apply_renames,
+    hf_block_renames,
+    merge_qkv,
+    read_state_dict,
+)
 
 # --------------------------------------------------------------------------------------- Hugging Face
 
 
 def _block_rows(hf: str, ours: str) -> list[tuple[str, str]]:
-    """Rows for one HF encoder (``{hf}.encoder.layers.N``) onto OpenAI-style ``{ours}.resblocks.N``."""
+    """Rows for one HF encoder (``{hf}.encoder.layers.N``) onto OpenAI-style ``{ours}.resblocks.N``: CLIP's
+    block rows plus X-CLIP's message tokens (cross-frame communication) in the image blocks."""
     layer, to = rf"{hf}\.encoder\.layers\.(\d+)\.", rf"{ours}.resblocks.\1."
     return [
-        (layer + r"self_attn\.([qkv]_proj|out_proj)\.(weight|bias)", to + r"attn.\2.\3"),
+        *hf_block_renames(hf, ours),
         (layer + r"(message_fc|message_ln|message_attn\.[qkv]_proj|message_attn\.out_proj)\.(weight|bias)",
          to + r"\2.\3"),
-        (layer + r"layer_norm([12])\.(weight|bias)", to + r"ln_\2.\3"),
-        (layer + r"mlp\.fc1\.(weight|bias)", to + r"mlp.c_fc.\2"),
-        (layer + r"mlp\.fc2\.(weight|bias)", to + r"mlp.c_proj.\2"),
     ]  # fmt: skip
 
 
@@ -70,32 +69,15 @@ _HF_RENAMES: list[tuple[str, str]] = [
     (r"logit_scale", "logit_scale"),
 ]
 _HF_TRANSPOSED = ("visual.proj", "text.text_projection")
-# CLIP-style attention whose separate q/k/v become one fused in_proj (q, k, v order, as OpenAI's).
-_FUSED_ATTENTION = re.compile(r"(.+\.(?:attn|message_attn))\.([qkv])_proj\.(weight|bias)")
-
-
-def _merge_qkv(state: Tensors, source: str) -> Tensors:
-    out: Tensors = {}
-    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        if m := _FUSED_ATTENTION.fullmatch(key):
-            parts.setdefault((m[1], m[3]), {})[m[2]] = value
-        else:
-            out[key] = value
-    for (prefix, kind), qkv in parts.items():
-        if set(qkv) != {"q", "k", "v"}:
-            lacking = sorted({"q", "k", "v"} - set(qkv))
-            raise WeightFormatError(
-                f"{source}: {prefix} lacks {', '.join(f'{n}_proj.{kind}' for n in lacking)}"
-            )
-        out[f"{prefix}.in_proj_{kind}"] = torch.cat([qkv["q"], qkv["k"], qkv["v"]], dim=0)
-    return out
+# CLIP-style attention whose separate q/k/v become one fused in_proj (q, k, v order, as OpenAI's); the
+# prompt generator's cross_attn keeps them separate.
+_FUSED_ATTENTION = ("attn", "message_attn")
 
 
 def hf_xclip_state_dict(state: Tensors, source: str = "checkpoint") -> Tensors:
     """A Hugging Face ``XCLIPModel`` state dict -> ours (float32)."""
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # buffers of older saves
-    ours = _merge_qkv(apply_renames(state, _HF_RENAMES, source), source)
+    ours = merge_qkv(apply_renames(state, _HF_RENAMES, source), source, _FUSED_ATTENTION)
     for key in _HF_TRANSPOSED:
         if key in ours:
             ours[key] = ours[key].t()
