@@ -72,6 +72,15 @@ def test_train_eval_predict(dataset, tmp_path, capsys):
     assert main(["predict", str(run_dir), str(dataset.root / "videos" / "val")]) == 0
     assert capsys.readouterr().out.count("%") == 8 * 4  # 8 videos, top-4 of 4 classes
 
+    # Exit statuses as every command has them: one readable video of two is a success (the other gets its
+    # error line); none readable is an input error, status 2.
+    missing = tmp_path / "missing.mp4"
+    assert main(["predict", str(run_dir), str(video), str(missing), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "predictions" in lines[0] and "missing.mp4" in lines[1]["path"] and lines[1]["error"]
+    assert main(["predict", str(run_dir), str(missing)]) == 2
+    assert "missing.mp4" in capsys.readouterr().out
+
 
 def test_python_api_predict(dataset, tmp_path):
     import evl.engine.predict as predict

@@ -110,7 +110,7 @@ def test_compute_dtype_bfloat16_autocast_on_cpu():
     assert low.dtype == torch.float32
     assert not torch.equal(low, reference)  # the towers really ran in bfloat16
     torch.testing.assert_close(low, reference, atol=1.0, rtol=0)
-    with pytest.raises(ValueError, match="backbone.dtype must be one of"):
+    with pytest.raises(ValueError, match=r"backbone\.dtype must be one of"):
         make_model(compute_dtype="fp8")
 
 

@@ -23,6 +23,10 @@ from evl.video.decode import VideoDecodeError, printable_path
 from evl.video.lists import ListFileError
 from evl.weights import WeightFormatError
 
+# Exit statuses, the same for every command: success; a mistake in what the user passed (one line on
+# stderr says which); interrupted (128 + SIGINT, as shells report it). Anything else is a bug: a traceback.
+EXIT_OK, EXIT_INPUT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+
 USER_ERRORS = (
     RecipeError,
     ListFileError,
@@ -131,7 +135,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         summary["val"] = result.evaluation.result.to_dict()
     if os.environ.get("RANK", "0") == "0":  # one summary per distributed run
         print(json.dumps(summary))
-    return 0
+    return EXIT_OK
 
 
 def _add_extract_parser(sub: argparse._SubParsersAction) -> None:
@@ -188,7 +192,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             }
         )
     )
-    return 0
+    return EXIT_OK
 
 
 def _add_source_arguments(p: argparse.ArgumentParser) -> None:
@@ -283,7 +287,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"{result.harmonic_mean:.2f}  ({result.base.num_videos} + {result.novel.num_videos} videos; "
             f"scores in {out_dir}/base and {out_dir}/novel)"
         )
-        return 0
+        return EXIT_OK
     if data.val_list is None:
         raise ValueError("no list to evaluate: pass --val-list")
     entries = read_list(data.val_list, num_classes=len(loaded.classes), data_root=data.data_root)
@@ -297,7 +301,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     for path, reason in evaluation.failed:
         print(f"skipped: {path}: {reason}", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
@@ -331,7 +335,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(printable_path(path))
             for name, prob in zip(prediction.classes, prediction.probabilities, strict=True):
                 print(f"  {prob * 100:6.2f}%  {name}")
-    return 1 if failures == len(paths) else 0
+    # Some videos unreadable: each has its error line and the others their predictions. None readable: an
+    # input error, as a missing file is for every other command.
+    return EXIT_INPUT_ERROR if failures == len(paths) else EXIT_OK
 
 
 def _add_splits_parser(sub: argparse._SubParsersAction) -> None:
@@ -398,7 +404,7 @@ def _cmd_splits(args: argparse.Namespace) -> int:
         )
     for path in paths:
         print(path)
-    return 0
+    return EXIT_OK
 
 
 def _add_synth_parser(sub: argparse._SubParsersAction) -> None:
@@ -428,7 +434,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     print(f"wrote {ds.num_classes} classes to {ds.root}: {ds.train_list}, {ds.val_list}, {ds.classes_file}")
-    return 0
+    return EXIT_OK
 
 
 def _add_flops_parser(sub: argparse._SubParsersAction) -> None:
@@ -445,7 +451,7 @@ def _cmd_flops(args: argparse.Namespace) -> int:
 
     report = count_flops(model_preset(args.model, num_frames=args.num_frames), num_views=args.views)
     print(json.dumps({"model": args.model, "num_frames": args.num_frames, **report.to_dict()}, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -495,7 +501,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(text)
     if args.output:
         atomic_write_text(args.output, text + "\n")
-    return 0
+    return EXIT_OK
 
 
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -511,7 +517,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     summary = run_demo(Path(args.output_dir), steps=args.steps, progress=not args.quiet)
     print(format_summary(summary))
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -589,13 +595,13 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("EVL_DEBUG"):
             raise
         print(f"evl {args.command}: error: {err}; {_memory_advice(err, args.command)}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
     except USER_ERRORS as err:
         if os.environ.get("EVL_DEBUG"):
             raise
         advice = _setting_advice(err) if isinstance(err, SettingError) else ""
         print(f"evl {args.command}: error: {err}{advice}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         print(f"evl {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
