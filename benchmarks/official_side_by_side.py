@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from evl.bench import BenchConfig, _timed, _video
+from evl.bench import BenchConfig, timing
+from evl.bench.measures import random_video
 from evl.devices import autocast, resolve_precision
 from evl.engine.optim import allocate_adamw_state, build_optimizer
 from evl.engine.step import TrainStep
@@ -93,7 +94,7 @@ def build_sides(official_dir: Path, device: torch.device) -> dict[str, dict[str,
     our_optimizer = build_optimizer(ours, lr=LR, weight_decay=WEIGHT_DECAY)
     allocate_adamw_state(our_optimizer)  # as training and `evl bench` do
 
-    # The step of evl.bench.measure_train_step: training's own.
+    # The step of evl.bench.measures.measure_train_step: training's own.
     our_trainer = TrainStep(ours, our_optimizer, compute_dtype=resolve_precision("auto", device))
 
     def our_step(video: torch.Tensor, labels: torch.Tensor) -> None:
@@ -102,7 +103,7 @@ def build_sides(official_dir: Path, device: torch.device) -> dict[str, dict[str,
         our_trainer.apply()
 
     def our_inference(video: torch.Tensor) -> None:
-        # The forward of evl.bench.measure_inference.
+        # The forward of evl.bench.measures.measure_inference.
         ours.eval()
         with torch.inference_mode(), autocast(resolve_precision("auto", device), device):
             ours(video)
@@ -163,14 +164,14 @@ def run(
     # One callable per side and measurement, fed the same random clips (official layout: B, C, T, H, W).
     measurements: dict[str, dict[str, Callable[[], None]]] = {}
     for batch in batch_sizes:
-        video = _video(batch, config, device)
+        video = random_video(batch, config, device)
         theirs = video.permute(0, 2, 1, 3, 4).contiguous()
         labels = torch.zeros(batch, dtype=torch.long)
         measurements[f"train_step_batch{batch}"] = {
             "ours": lambda v=video, y=labels: sides["ours"]["step"](v, y),
             "official": lambda v=theirs, y=labels: sides["official"]["step"](v, y),
         }
-    video = _video(1, config, device)
+    video = random_video(1, config, device)
     theirs = video.permute(0, 2, 1, 3, 4).contiguous()
     measurements["inference_batch1"] = {
         "ours": lambda v=video: sides["ours"]["inference"](v),
@@ -185,7 +186,7 @@ def run(
     for index in range(rounds):
         order = ("ours", "official") if index % 2 == 0 else ("official", "ours")
         for name, fns in measurements.items():
-            seconds = {side: _timed(fns[side], device) for side in order}
+            seconds = {side: timing.timed(fns[side], device) for side in order}
             timed[name].append(
                 {"ours_s": seconds["ours"], "official_s": seconds["official"],
                  "ratio": seconds["ours"] / seconds["official"]}
