@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 from evl.cli import main
+from evl.engine.cached_data import to_frame_features
 from evl.engine.checkpoint import list_checkpoints
-from evl.engine.evaluate import eval_sampling, eval_transform
-from evl.engine.features import DONE, PENDING, FeatureCache, cache_bytes_per_clip, to_frame_features
+from evl.engine.feature_cache import DONE, PENDING, FeatureCache, cache_bytes_per_clip
 from evl.engine.run import load_run
 from evl.models.registry import create_backbone
 from evl.synth import make_dataset
-from evl.video.dataset import load_views
+from evl.video.dataset import EvalViews
 from evl.video.lists import read_list, resolve_path
 
 
@@ -96,9 +96,10 @@ def test_cached_features_give_the_logits_of_the_videos(caches, dataset, tmp_path
     model, cache = loaded.model, FeatureCache.open(caches[0])
     data = loaded.run.data
     entry = read_list(dataset.train_list)[5]
-    views = load_views(resolve_path(entry, dataset.root), eval_sampling(data), eval_transform(model, data))
+    views = EvalViews.for_encoder(data, model.vision_config)
+    clips = views.load(resolve_path(entry, dataset.root))
     with torch.no_grad():
-        direct = model(views[:1])
+        direct = model(clips[:1])
         rows = [(o[None], a[None]) for o, a in cache.read(5, model.blocks)]
         cached = model.forward_head(to_frame_features(rows, torch.device("cpu")))
     assert direct.abs().max() > 1e-3

@@ -20,8 +20,11 @@ from evl.config import (
     to_dict,
 )
 from evl.devices import DeviceOutOfMemory
+from evl.engine.cached_data import to_frame_features
+from evl.engine.cached_eval import evaluate_cached
 from evl.engine.evaluate import eval_loader, evaluate
-from evl.engine.features import FeatureCache, evaluate_cached, extract, to_frame_features
+from evl.engine.extract import extract
+from evl.engine.feature_cache import FeatureCache
 from evl.engine.loading import default_num_workers, loader_options, processes_per_node
 from evl.models.evl import EVL
 from evl.recipes import RecipeError, build_run_config, load_resolved, save_resolved

@@ -14,7 +14,7 @@ from conftest import TEST_DEVICE
 from evl.cli import main
 from evl.engine.checkpoint import list_checkpoints, load_checkpoint
 from evl.engine.evaluate import evaluate
-from evl.engine.features import DONE, FeatureCache
+from evl.engine.feature_cache import DONE, FeatureCache
 from evl.engine.predict import Predictor
 from evl.engine.run import load_run
 from evl.engine.train import train

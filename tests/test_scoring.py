@@ -10,14 +10,16 @@ import pytest
 import torch
 from torch import nn
 
+import evl.engine.cached_eval as cached_eval_module
 import evl.engine.evaluate as evaluate_module
-import evl.engine.features as features_module
 import evl.engine.predict as predict_module
 import evl.engine.train as train_module
 from evl.config import DataConfig, DecoderConfig, ModelConfig, RunConfig, VisionConfig
+from evl.engine.cached_eval import evaluate_cached
 from evl.engine.distributed import DistEnv
 from evl.engine.evaluate import evaluate
-from evl.engine.features import FeatureCache, evaluate_cached, extract
+from evl.engine.extract import extract
+from evl.engine.feature_cache import FeatureCache
 from evl.engine.predict import Predictor
 from evl.engine.scoring import score_batches
 from evl.engine.train import evaluate_sharded
@@ -85,7 +87,7 @@ def calls(monkeypatch) -> list[str]:
 
         return wrapper
 
-    for module in (evaluate_module, features_module, predict_module):
+    for module in (evaluate_module, cached_eval_module, predict_module):
         monkeypatch.setattr(module, "score_batches", counting(module))
     return names
 
@@ -118,6 +120,6 @@ def test_every_scorer_goes_through_the_shared_loop(videos, calls, monkeypatch, t
     extract(model, RunConfig(data=single), entries, list(videos.classes), tmp_path, progress=False)
     calls.clear()
     cached = evaluate_cached(model, FeatureCache.open(tmp_path), batch_size=3, progress=False, num_workers=0)
-    assert calls == ["evl.engine.features"]
+    assert calls == ["evl.engine.cached_eval"]
     assert cached.decoded.all()
     np.testing.assert_allclose(cached.scores.sum(1), 1.0, atol=1e-6)

@@ -32,10 +32,8 @@ from evl.engine.scoring import forward_or_none as forward_or_none
 from evl.engine.scoring import model_device as model_device
 from evl.engine.scoring import score_batches
 from evl.io import atomic_write_text
-from evl.video.dataset import EvalClips, collate_eval
+from evl.video.dataset import EvalClips, EvalViews, collate_eval
 from evl.video.lists import VideoEntry, read_class_names, read_list
-from evl.video.sampling import SamplingConfig
-from evl.video.transforms import EvalTransform, TransformConfig, build_eval_transform
 
 
 @dataclass(frozen=True)
@@ -108,29 +106,13 @@ def entry_labels(entries: Sequence[VideoEntry]) -> np.ndarray:
     return np.array([e.label for e in entries], dtype=np.int64)
 
 
-def eval_sampling(data: DataConfig) -> SamplingConfig:
-    return SamplingConfig(
-        kind=data.sampling,
-        num_frames=data.num_frames,
-        stride=data.frame_stride,
-        num_temporal_views=data.num_temporal_views,
-    )
-
-
-def eval_transform(model: torch.nn.Module, data: DataConfig) -> EvalTransform:
-    return build_eval_transform(
-        TransformConfig.from_backbone(model.vision_config, num_spatial_views=data.num_spatial_views)
-    )
-
-
 def eval_loader(
     model: torch.nn.Module, entries: Sequence[VideoEntry], data: DataConfig, batch_size: int
 ) -> DataLoader:
     dataset = EvalClips(
         entries,
         data.data_root,
-        eval_sampling(data),
-        eval_transform(model, data),
+        EvalViews.for_encoder(data, model.vision_config),
         on_bad_video=data.on_bad_video,
     )
     return DataLoader(

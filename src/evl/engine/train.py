@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 from evl.config import DataConfig, RunConfig, SettingError
 from evl.devices import configure_device, pick_device, resolve_precision
+from evl.engine.cached_data import CachedClips, collate_cached, to_frame_features
+from evl.engine.cached_eval import evaluate_cached
 from evl.engine.checkpoint import find_resumable, load_checkpoint, save_checkpoint
 from evl.engine.distributed import (
     DistEnv,
@@ -33,15 +35,9 @@ from evl.engine.distributed import (
     shutdown,
     wrap_ddp,
 )
-from evl.engine.evaluate import Evaluation, entry_labels, eval_sampling, evaluate
-from evl.engine.features import BACKBONE_FILE as CACHE_BACKBONE_FILE
-from evl.engine.features import (
-    CachedClips,
-    FeatureCache,
-    collate_cached,
-    evaluate_cached,
-    to_frame_features,
-)
+from evl.engine.evaluate import Evaluation, entry_labels, evaluate
+from evl.engine.feature_cache import BACKBONE_FILE as CACHE_BACKBONE_FILE
+from evl.engine.feature_cache import FeatureCache
 from evl.engine.loading import loader_options
 from evl.engine.methods import (
     BACKBONE_FILE,
@@ -58,6 +54,7 @@ from evl.engine.train_state import make_train_state, restore_train_state
 from evl.io import atomic_write_text
 from evl.video.dataset import StreamSampler, TrainClips, collate_train
 from evl.video.lists import VideoEntry, read_class_names, read_list
+from evl.video.sampling import SamplingConfig
 from evl.video.transforms import TransformConfig, build_train_transform
 
 # Without data.classes, labels 0..max are the classes; a larger maximum is almost surely a malformed list.
@@ -171,7 +168,7 @@ def training_data(
     dataset = TrainClips(
         entries,
         data.data_root,
-        eval_sampling(data),
+        SamplingConfig.from_data(data),
         transform,
         seed=run.train.seed,
         on_bad_video=data.on_bad_video,

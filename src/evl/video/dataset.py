@@ -155,14 +155,12 @@ class EvalClips(Dataset):
         self,
         entries: Sequence[VideoEntry],
         data_root: str | Path | None,
-        sampling: SamplingConfig,
-        transform: EvalTransform,
+        views: EvalViews,
         on_bad_video: str = "skip",
     ) -> None:
         self.entries = list(entries)
         self.data_root = data_root
-        self.sampling = sampling
-        self.transform = transform
+        self.views = views
         self.on_bad_video = on_bad_video
 
     def __len__(self) -> int:
@@ -179,7 +177,7 @@ class EvalClips(Dataset):
             "error": None,
         }
         try:
-            item["video"] = EvalViews(self.sampling, self.transform).load(path)
+            item["video"] = self.views.load(path)
         except VideoDecodeError as err:
             if self.on_bad_video == "error":
                 raise

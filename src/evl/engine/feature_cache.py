@@ -1,8 +1,8 @@
-"""A feature cache: the frozen backbone run once, so decoders train without it.
+"""The feature cache on disk: its layout and description, and row access checked against a model.
 
-With a frozen backbone, what the decoder reads from a clip is a constant of that clip: each feeding block's
-output and the head-averaged attention maps between adjacent frames
-(:class:`evl.models.frame_features.FrameFeatures`).
+A feature cache is the frozen backbone run once, so decoders train without it. With a frozen backbone, what
+the decoder reads from a clip is a constant of that clip: each feeding block's output and the head-averaged
+attention maps between adjacent frames (:class:`evl.models.frame_features.FrameFeatures`).
 ``evl extract`` runs the backbone once over one fixed, non-augmented view per video (the centre clip, the
 centre crop) and stores exactly that, in float16, memory-mapped:
 
@@ -18,6 +18,9 @@ CACHE/
 Rows are written batch by batch and marked done after their data is flushed, so a killed extraction resumes
 where it stopped. ``evl train --features CACHE`` then reads rows instead of decoding videos (no
 augmentation: the view is fixed), and sweeping decoder hyper-parameters never runs the backbone again.
+
+:mod:`evl.engine.extract` fills a cache, :mod:`evl.engine.cached_data` serves its rows to data loaders and
+:mod:`evl.engine.cached_eval` scores a model on it.
 """
 
 from __future__ import annotations
@@ -31,16 +34,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from evl.config import RunConfig, VisionConfig, to_dict
-from evl.engine.evaluate import Evaluation, eval_sampling, eval_transform
-from evl.engine.loading import loader_options
-from evl.engine.scoring import score_batches
+from evl.config import VisionConfig
 from evl.io import atomic_write_text
 from evl.models.evl import EVL, FrameFeatures
-from evl.video.dataset import EvalClips, StreamOrder, collate_eval
 from evl.video.lists import VideoEntry
 
 FORMAT_VERSION = 1
@@ -237,217 +234,7 @@ def _tupled(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
 
 
-# ------------------------------------------------------------------------------------------------ reading
-
-
-def to_frame_features(
-    rows: list[tuple[torch.Tensor, torch.Tensor | None]], device: torch.device
-) -> list[FrameFeatures]:
-    """Batched cache rows (float16) -> float32 decoder inputs on ``device``.
-
-    The rows travel in float16 (half the bytes) and are widened on ``device``; from pinned memory (a loader
-    built with :func:`~evl.engine.loading.loader_options`) the copies overlap the work queued before them.
-    """
-
-    def moved(x: torch.Tensor) -> torch.Tensor:
-        return x.to(device, non_blocking=True).float()
-
-    return [FrameFeatures(moved(out), None if attn is None else moved(attn)) for out, attn in rows]
-
-
-class CachedClips(Dataset):
-    """Stream position -> one cached clip, in the same seeded order scheme as :class:`TrainClips`.
-
-    Item: ``{"features": [(out, attn) per block], "label": int, "index": int}``; skipped videos are not in
-    the stream.
-    """
-
-    def __init__(self, cache: FeatureCache, blocks: Sequence[int], seed: int = 0) -> None:
-        self.cache = cache
-        self.blocks = tuple(blocks)
-        self.seed = seed
-        self.rows = cache.done_indices()
-        if not len(self.rows):
-            raise FeatureCacheError(f"{cache.root}: no usable videos")
-        self.labels = [label for _, label in cache.entries()]
-        self.stream = StreamOrder(len(self.rows), seed)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def index_at(self, position: int) -> int:
-        return int(self.rows[self.stream.index_at(position)])
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        index = self.index_at(position)
-        return {"features": self.cache.read(index, self.blocks), "label": self.labels[index], "index": index}
-
-
-def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
-    per_block = zip(*(it["features"] for it in items), strict=True)
-    features = [
-        (torch.stack([o for o, _ in rows]), None if rows[0][1] is None else torch.stack([a for _, a in rows]))
-        for rows in per_block
-    ]
-    return {
-        "features": features,
-        "label": torch.tensor([it["label"] for it in items]),
-        "index": [it["index"] for it in items],
-        "skipped": [],
-    }
-
-
-# ---------------------------------------------------------------------------------------------- extraction
-
-
-@dataclass
-class ExtractResult:
-    root: Path
-    num_videos: int
-    num_extracted: int  # in this call (a resumed extraction skips finished rows)
-    num_skipped: int
-    bytes_per_clip: int
-
-
-def extract(
-    model: EVL,
-    run: RunConfig,
-    entries: Sequence[VideoEntry],
-    classes: list[str],
-    out_dir: str | Path,
-    batch_size: int = 4,
-    blocks: Sequence[int] | None = None,
-    progress: bool = True,
-) -> ExtractResult:
-    """Run ``model``'s frozen backbone once per video (centre clip, centre crop) and store decoder inputs.
-
-    ``blocks`` defaults to the blocks ``model``'s decoder reads; cache more to sweep decoder depth later.
-    A random-init backbone is expected to be saved in ``out_dir`` already (``engine.run.build_backbone``).
-    """
-    if not model.frozen:
-        raise ValueError("a feature cache needs a frozen backbone (backbone.freeze = true)")
-    data = dataclasses.replace(run.data, num_temporal_views=1, num_spatial_views=1)
-    blocks = tuple(model.blocks if blocks is None else blocks)
-    meta = CacheMeta(
-        backbone=to_dict(model.config.backbone),
-        backbone_name=model.config.backbone_name,
-        fingerprint=model.backbone_fingerprint(),
-        blocks=blocks,
-        num_frames=data.num_frames,
-        sampling={
-            "sampling": data.sampling,
-            "frame_stride": data.frame_stride,
-            "views": "centre clip, centre crop",
-        },
-        classes=list(classes),
-        num_videos=len(entries),
-    )
-    cache = FeatureCache.create_or_resume(out_dir, meta, entries)
-    pending = np.flatnonzero(np.asarray(cache.status()) == PENDING)
-    dataset = EvalClips(
-        [entries[i] for i in pending],
-        data.data_root,
-        eval_sampling(data),
-        eval_transform(model, data),
-        on_bad_video=data.on_bad_video,
-    )
-    device = next(model.decoder.parameters()).device
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        collate_fn=collate_eval,
-        generator=torch.Generator(),  # leaves the global RNG alone
-        **loader_options(device, data.num_workers),
-    )
-    model.eval()
-    skipped = 0
-    bar = tqdm(
-        total=len(entries),
-        initial=len(entries) - len(pending),
-        desc="extract",
-        unit="video",
-        disable=not progress,
-    )
-    with torch.no_grad():
-        for batch in loader:
-            if batch["failed"]:
-                cache.mark([pending[i] for i, _, _ in batch["failed"]], SKIPPED)
-                with (cache.root / "skipped_videos.txt").open("a") as f:
-                    f.writelines(f"{path}\t{reason}\n" for _, path, reason in batch["failed"])
-                skipped += len(batch["failed"])
-            if batch["video"] is not None:
-                # The pinned batch is copied whole, then its single view taken: [B, T, 3, S, S].
-                video = batch["video"].to(device, non_blocking=True)[:, 0]
-                block_features = model.extract_features(video, blocks, with_attention=True)
-                cache.write([pending[i] for i in batch["index"]], block_features)
-            bar.update(len(batch["failed"]) + len(batch["index"]))
-    bar.close()
-    return ExtractResult(cache.root, len(entries), len(pending), skipped, cache_bytes_per_clip(meta))
-
-
 def cache_bytes_per_clip(meta: CacheMeta) -> int:
     t, length, c = meta.num_frames, meta.num_tokens, meta.width
     attn = 2 * (t - 1) * (length - 1) ** 2 if t > 1 else 0
     return len(meta.blocks) * 2 * (t * length * c + attn)  # float16
-
-
-class CachedRows(Dataset):
-    """Given rows of a cache, in the order given: the items of :func:`collate_cached`."""
-
-    def __init__(self, cache: FeatureCache, rows: Sequence[int], blocks: Sequence[int]) -> None:
-        self.cache, self.rows, self.blocks = cache, [int(i) for i in rows], tuple(blocks)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        index = self.rows[position]
-        return {"features": self.cache.read(index, self.blocks), "label": 0, "index": index}
-
-
-@torch.no_grad()
-def evaluate_cached(
-    model: EVL,
-    cache: FeatureCache,
-    batch_size: int = 8,
-    progress: bool = True,
-    num_workers: int | None = None,
-) -> Evaluation:
-    """Single-view evaluation on a feature cache: every listed video once, skipped ones reported.
-
-    ``num_workers``: data-loader processes reading the rows (None: from the CPU count).
-    """
-    model.eval()
-    device = next(model.decoder.parameters()).device
-    entries = cache.entries()
-    status = np.asarray(cache.status())
-    if (status == PENDING).any():
-        cache.done_indices()  # raises the incomplete-extraction error
-    done = np.flatnonzero(status == DONE)
-    loader = DataLoader(
-        CachedRows(cache, done, model.blocks),
-        batch_size=batch_size,
-        shuffle=False,
-        collate_fn=collate_cached,
-        **loader_options(device, num_workers),
-    )
-    scored = score_batches(
-        model,
-        loader,
-        len(entries),
-        model.config.decoder.num_classes,
-        forward=model.forward_head,
-        to_device=_cached_inputs,
-        batch_size=batch_size,
-        progress=progress,
-        total=len(done),
-    )
-    labels = np.array([label for _, label in entries], dtype=np.int64)
-    paths = [path for path, _ in entries]
-    failed = [(paths[i], "skipped at extraction") for i in np.flatnonzero(status == SKIPPED)]
-    return Evaluation.summarised(scored.scores, labels, paths, failed, status == DONE)
-
-
-def _cached_inputs(batch: dict[str, Any], device: torch.device) -> tuple[list[FrameFeatures], int]:
-    # A cache holds one view per video (the centre clip, the centre crop).
-    return to_frame_features(batch["features"], device), 1
