@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -524,3 +525,14 @@ def test_list_with_a_non_utf8_file_name_round_trips(tmp_path):
     write_entries(path, entries)
     assert path.read_bytes() == b"caf\xe9.mp4 1\nplain.mp4 0\n"
     assert read_list(path) == entries
+
+
+def test_damaged_run_config_is_one_line_naming_the_file_and_line(runs, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["skip"], run_dir)
+    config = run_dir / "config.json"
+    lines = config.read_text().splitlines()
+    config.write_text("\n".join([*lines[:3], '  "run": {,', *lines[3:]]) + "\n")  # an edit gone wrong
+    status, _, err = cli(capsys, ["predict", str(run_dir), str(tmp_path)])
+    assert status == 2
+    assert one_line_error(err, "predict").startswith(f"{config}:4: invalid JSON")

@@ -28,7 +28,6 @@ from evl.weights import (
     clip_text_state_dict,
     infer_text_config,
     read_clip_text,
-    read_logit_scale,
     read_state_dict,
 )
 from factories import HF_TINY, HF_TINY_TEXT, random_openai_text, random_openai_visual, random_text_ids
@@ -161,7 +160,7 @@ def test_transformers_clip_model_folder_both_towers_and_logit_scale(tmp_path):
         hf.logit_scale.fill_(3.3)
     hf.save_pretrained(tmp_path)
     model, logit_scale = load_clip_text(tmp_path)
-    assert logit_scale == pytest.approx(3.3) and read_logit_scale(tmp_path) == logit_scale
+    assert logit_scale == pytest.approx(3.3) and read_clip_text(tmp_path)[2] == logit_scale
     with torch.no_grad():
         expected = hf.get_text_features(input_ids=IDS)
     expected = getattr(expected, "pooler_output", expected)

@@ -65,10 +65,6 @@ class VisionConfig:
         return self.grid_size**2 + 1
 
     @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
-    @property
     def mlp_width(self) -> int:
         return round(self.width * self.mlp_ratio)
 

@@ -32,7 +32,6 @@ from evl.config import (
     MethodConfig,
     RunConfig,
     SettingError,
-    run_config_from_dict,
     to_dict,
 )
 from evl.devices import configure_device, pick_device
@@ -46,6 +45,7 @@ from evl.engine.methods import (
     set_classes,
 )
 from evl.io import atomic_write_text
+from evl.recipes import load_resolved
 from evl.video.lists import read_class_names
 
 __all__ = [
@@ -100,8 +100,8 @@ def read_run_config(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise RunDirError(f"{run_dir}: not a run directory (no {CONFIG_FILE}); train one with 'evl train'")
+    run = load_resolved(path)  # a damaged file is one line naming it (and the JSON line)
     payload: dict[str, Any] = json.loads(path.read_text())
-    run = run_config_from_dict(payload["run"])
     check_payload = method_spec(run.method.name).check_payload
     if check_payload is not None:
         check_payload(payload["model"])  # a damaged description fails here, by name

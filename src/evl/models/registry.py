@@ -181,7 +181,7 @@ def load_clip_text(path: str | Path, **overrides: Any) -> tuple[CLIPTextTransfor
     """A CLIP text encoder from any format :func:`evl.weights.read_clip_text` reads, loaded strict.
 
     Returns the float32 module and the checkpoint's ``logit_scale`` (see
-    :func:`evl.weights.read_logit_scale`). ``overrides`` set :class:`TextConfig` fields the file cannot tell
+    :func:`evl.weights.read_clip_text`). ``overrides`` set :class:`TextConfig` fields the file cannot tell
     or that should differ (``heads``, ``activation``, ``eot_token_id``, ...); OpenAI and open_clip files
     store neither heads nor activation. Any mismatch with the module is a one-line :class:`WeightFormatError`.
     """

@@ -79,16 +79,6 @@ class XCLIPConfig:
         return round(self.embed_dim * self.mit_mlp_ratio)
 
 
-def xclip_config_from_dict(data: dict[str, Any]) -> XCLIPConfig:
-    """Inverse of ``dataclasses.asdict`` for an :class:`XCLIPConfig` (JSON lists become tuples)."""
-    data = dict(data)
-    vision = VisionConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in data.pop("vision").items()}
-    )
-    text = TextConfig(**data.pop("text"))
-    return XCLIPConfig(vision=vision, text=text, **data)
-
-
 class XCLIPOutput(NamedTuple):
     """What ``transformers.XCLIPModel`` returns, for comparisons: logits [B, K], video embeddings [B, D]
     and per-video prompted text embeddings [B, K, D], both L2-normalised."""

@@ -22,7 +22,6 @@ from evl.weights.clip_text import (
     clip_text_state_dict,
     infer_text_config,
     read_clip_text,
-    read_logit_scale,
 )
 from evl.weights.clip_vision import (
     clip_visual_state_dict,
@@ -50,7 +49,6 @@ __all__ = [
     "load_official_evl",
     "merge_qkv",
     "read_clip_text",
-    "read_logit_scale",
     "read_state_dict",
     "resize_positional_embedding",
 ]

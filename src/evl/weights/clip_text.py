@@ -168,19 +168,14 @@ def _logit_scale(state: Tensors, source: str) -> float:
     return float(value.float().reshape(()))
 
 
-def read_logit_scale(path: str | Path) -> float:
-    """A CLIP checkpoint's ``logit_scale``: the log of the logit temperature as stored (about ln 100 for
-    trained models), or CLIP's initial ln(1 / 0.07) when the format stores none (e.g. ``CLIPTextModel``)."""
-    state, _ = read_state_dict(path)
-    return _logit_scale(state, str(path))
-
-
 def read_clip_text(path: str | Path, **overrides: Any) -> tuple[TextConfig, Tensors, float]:
     """Read a CLIP text encoder from any supported format.
 
     Returns its :class:`TextConfig`, a float32 state dict under OpenAI names (for a strict
     ``CLIPTextTransformer.load_state_dict``; :func:`evl.models.registry.load_clip_text` builds and loads
-    the module) and the checkpoint's ``logit_scale`` (see :func:`read_logit_scale`). ``overrides`` set
+    the module) and the checkpoint's ``logit_scale``: the log of the logit temperature as stored (about
+    ln 100 for trained models), or CLIP's initial ln(1 / 0.07) when the format stores none (e.g.
+    ``CLIPTextModel``). ``overrides`` set
     :class:`TextConfig` fields the file cannot tell or that should differ (``heads``, ``activation``,
     ``eot_token_id``, ...); OpenAI and open_clip files store neither heads nor activation.
     """
