@@ -313,7 +313,7 @@ def test_decoder_attention_folds_only_when_cheaper():
 def test_cross_frame_attention_maps_are_head_averaged_softmax_of_adjacent_frames():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 2, 3, 5, 2, 4, generator=g).unbind(0)  # [B=2, T=3, L=5, H=2, Dh=4]
-    maps = cross_frame_attention(q, k)
+    maps = cross_frame_attention(q, k, num_patches=4)
     assert maps.shape == (2, 2, 2, 4, 4)
     # batch 1, frame 2 attending to frame 1, head-averaged, patches only
     expected = torch.stack([(q[1, 2, 1:, h] @ k[1, 1, 1:, h].T / 2).softmax(-1) for h in range(2)]).mean(0)
@@ -322,11 +322,20 @@ def test_cross_frame_attention_maps_are_head_averaged_softmax_of_adjacent_frames
         0
     )
     torch.testing.assert_close(maps[0, 1, 0], expected_next)
-    assert cross_frame_attention(q[:, :1], k[:, :1]) is None
+    assert cross_frame_attention(q[:, :1], k[:, :1], num_patches=4) is None
     torch.testing.assert_close(maps, all_pairs_cross_frame_attention(q, k))
     out = torch.full_like(maps, float("nan"))
-    assert cross_frame_attention(q, k, out=out) is out
+    assert cross_frame_attention(q, k, num_patches=4, out=out) is out
     torch.testing.assert_close(out, maps)
+
+
+@pytest.mark.parametrize("prefix", [0, 3])
+def test_cross_frame_attention_reads_the_last_tokens_as_patches(prefix):
+    # SigLIP has no class token (0 before the patches), DINOv2 with 2 registers has 3.
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 2, 3, prefix + 4, 2, 4, generator=g).unbind(0)
+    maps = cross_frame_attention(q, k, num_patches=4)
+    torch.testing.assert_close(maps, all_pairs_cross_frame_attention(q, k, prefix=prefix))
 
 
 def test_temporal_conv_is_pytorch_conv_over_time():
@@ -398,10 +407,10 @@ def test_fine_tuned_backbone_gets_gradients():
     assert any(k.startswith("backbone.") for k in model.trainable_state_dict())
 
 
-def all_pairs_cross_frame_attention(q, k):
+def all_pairs_cross_frame_attention(q, k, prefix=1):
     """All frame pairs at once, as one batched product: the straightforward form of the maps."""
-    q = q[:, :, 1:].transpose(2, 3) * q.shape[-1] ** -0.5  # [B, T, H, P, Dh]
-    k = k[:, :, 1:].transpose(2, 3)
+    q = q[:, :, prefix:].transpose(2, 3) * q.shape[-1] ** -0.5  # [B, T, H, P, Dh]
+    k = k[:, :, prefix:].transpose(2, 3)
     to_prev = (q[:, 1:] @ k[:, :-1].mT).softmax(-1).mean(2)
     to_next = (q[:, :-1] @ k[:, 1:].mT).softmax(-1).mean(2)
     return torch.stack([to_prev, to_next], dim=1)
@@ -444,7 +453,8 @@ def test_frame_features_of_one_frame_have_no_maps():
         features = model.extract_features(torch.randn(2, 1, 3, 24, 24))
         assert all(f.attn is None for f in features)
         block = model.backbone.forward_intermediates(torch.randn(2, 3, 24, 24), [1])[0]
-    assert frame_features(block._replace(**{n: x[:, None] for n, x in block._asdict().items()})).attn is None
+    one_frame = block._replace(**{n: x[:, None] for n, x in block._asdict().items()})
+    assert frame_features(one_frame, model.config.backbone.num_patches).attn is None
 
 
 def test_no_in_place_change_of_backbone_features():

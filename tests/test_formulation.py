@@ -76,16 +76,21 @@ def test_batched_temporal_residual_equals_conv_plus_embedding_with_gradients(dev
     assert_same_outputs_and_grads(fast, slow, (x, *params), ["x", "weight", "bias", "embed"])
 
 
-def test_batched_cross_frame_terms_equal_the_module_output_with_gradients(device):
+# Tokens before the patches: SigLIP none, CLIP its class token, DINOv2 with 2 registers three.
+@pytest.mark.parametrize("prefix", [0, 1, 3])
+@pytest.mark.parametrize("batched", [True, False])
+def test_cross_frame_kernels_equal_the_gathered_formulation_with_gradients(device, prefix, batched):
     g = torch.Generator().manual_seed(0)
-    module = TemporalCrossAttention(6, 3, 5).to(device)
+    module = TemporalCrossAttention(6, 3, 5, prefix_tokens=prefix).to(device)
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
-    y = torch.randn(3, 4, 16, 6, generator=g).to(device).requires_grad_()
+    y = torch.randn(3, 4, prefix + 15, 6, generator=g).to(device).requires_grad_()
     attn = random_maps(3, 2, 3, patches=15, generator=g).to(device)
-    fast = module.add_to(y * 1, attn, batched=True)
-    slow = y + module(attn, 4)
+    fast = module.add_to(y * 1, attn, batched=batched)
+    module.materialize = True  # the paper's gathered [P, P, C] table
+    slow = module.add_to(y, attn)
+    assert torch.equal(slow[:, :, :prefix], y[:, :, :prefix])  # class and register tokens receive nothing
     inputs = (y, module.w_prev, module.w_next)
     assert_same_outputs_and_grads(fast, slow, inputs, ["y", "w_prev", "w_next"])
 

@@ -30,9 +30,19 @@ class SettingError(ValueError):
         self.field = field
 
 
+# Image encoder families: how the tokens of an image are laid out and which module computes them.
+#   clip:   [CLS, patches]; OpenAI's layout (conv1, class/position embeddings, ln_pre, blocks, ln_post, proj).
+#           MetaCLIP 2 is this family.
+#   siglip: [patches]; no class token, a pooling head over the last block (SigLIP, SigLIP 2).
+#   dinov2: [CLS, registers, patches]; layer scale in every block (DINOv2, with or without registers).
+# In every family the patch tokens come last, row-major: EVL's cross-frame attention reads the last P tokens.
+VISION_FAMILIES = ("clip", "siglip", "dinov2")
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
+
+
 @dataclass(frozen=True)
 class VisionConfig:
-    """A CLIP ViT image encoder (OpenAI layout: conv1, embeddings, ln_pre, blocks, ln_post, proj)."""
+    """A ViT image encoder: its family (see :data:`VISION_FAMILIES`), shape and input normalisation."""
 
     width: int = 768
     layers: int = 12
@@ -42,12 +52,25 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     output_dim: int | None = 512  # ``proj`` columns; None for an encoder without projection
     layer_norm_eps: float = 1e-5
-    activation: str = "quick_gelu"  # OpenAI CLIP; "gelu" for open_clip models trained with nn.GELU
+    activation: str = "quick_gelu"  # OpenAI CLIP; "gelu" (open_clip, DINOv2); "gelu_tanh" (SigLIP)
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     interpolation: str = "bicubic"  # used when resizing frames to ``image_size``
+    family: str = "clip"
+    register_tokens: int = 0  # DINOv2 with registers: extra learned tokens between CLS and the patches
 
     def __post_init__(self) -> None:
+        if self.family not in VISION_FAMILIES:
+            raise ValueError(
+                f"VisionConfig: unknown family {self.family!r}; expected one of {', '.join(VISION_FAMILIES)}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"VisionConfig: unknown activation {self.activation!r}; "
+                f"expected one of {', '.join(ACTIVATIONS)}"
+            )
+        if self.register_tokens and self.family != "dinov2":
+            raise ValueError(f"VisionConfig: register tokens are DINOv2's, not the {self.family} family's")
         if self.width % self.heads:
             raise ValueError(f"VisionConfig: width {self.width} is not divisible by heads {self.heads}")
         if self.image_size % self.patch_size:
@@ -61,8 +84,17 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
     @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patches: CLS (and the registers), none for SigLIP."""
+        return 0 if self.family == "siglip" else 1 + self.register_tokens
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
     def num_tokens(self) -> int:
-        return self.grid_size**2 + 1
+        return self.num_patches + self.prefix_tokens
 
     @property
     def mlp_width(self) -> int:

@@ -73,7 +73,8 @@ def count_flops(config: ModelConfig, num_views: int = 1, as_executed: bool = Fal
         # The cross-frame attention maps belong to the decoder's temporal module, as in the paper.
         with decoder_counter:
             with_attention = config.decoder.temporal_cross_attention
-            model.forward_head([frame_features(f, with_attention) for f in blocks])
+            patches = config.backbone.num_patches
+            model.forward_head([frame_features(f, patches, with_attention) for f in blocks])
     giga_macs = 0.5e-9  # counter FLOPs (2 per multiply-add) -> G multiply-adds
     return FlopReport(
         backbone_gflops=backbone_counter.get_total_flops() * giga_macs,

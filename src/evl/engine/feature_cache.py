@@ -65,8 +65,12 @@ class CacheMeta:
     format_version: int = FORMAT_VERSION
 
     @property
+    def vision(self) -> VisionConfig:
+        return VisionConfig(**_tupled(self.backbone))
+
+    @property
     def num_tokens(self) -> int:
-        return VisionConfig(**self.backbone).num_tokens
+        return self.vision.num_tokens
 
     @property
     def width(self) -> int:
@@ -106,7 +110,7 @@ class FeatureCache:
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(root / ENTRIES_FILE, "".join(f"{e.path}\t{e.label}\n" for e in entries))
         n, t, c = meta.num_videos, meta.num_frames, meta.width
-        patches = meta.num_tokens - 1
+        patches = meta.vision.num_patches
         for block in meta.blocks:
             np.lib.format.open_memmap(
                 root / f"block{block}.out.npy", "w+", np.float16, (n, t, meta.num_tokens, c)
@@ -199,7 +203,7 @@ class FeatureCache:
         """One-line error unless ``model`` reads exactly what this cache holds (``fingerprint``: the
         model's :meth:`EVL.backbone_fingerprint`, when already computed)."""
         meta, config = self.meta, model.config
-        if VisionConfig(**_tupled(meta.backbone)) != config.backbone:
+        if meta.vision != config.backbone:
             raise FeatureCacheError(
                 f"{self.root}: made with another backbone configuration than this model's"
             )
@@ -236,5 +240,5 @@ def _tupled(fields: dict[str, Any]) -> dict[str, Any]:
 
 def cache_bytes_per_clip(meta: CacheMeta) -> int:
     t, length, c = meta.num_frames, meta.num_tokens, meta.width
-    attn = 2 * (t - 1) * (length - 1) ** 2 if t > 1 else 0
+    attn = 2 * (t - 1) * meta.vision.num_patches**2 if t > 1 else 0
     return len(meta.blocks) * 2 * (t * length * c + attn)  # float16

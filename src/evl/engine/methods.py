@@ -41,14 +41,13 @@ from evl.config import (
 from evl.engine.optim import adamw, param_groups
 from evl.io import atomic_path
 from evl.models.clip_text import TEXT_PRESETS
-from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.evl import EVL
 from evl.models.registry import CLIPTowers, clip_state_dict, create_backbone, create_clip, xclip_from_clip
 from evl.models.vificlip import VIFI_BETAS, VIFI_TEMPLATE, ZEROSHOT_TEMPLATE, VideoCLIP, build_prompts
 from evl.models.xclip import XCLIP, xclip_param_groups
 from evl.models.xclip_weights import is_official_xclip, load_xclip
 from evl.tokenizer import default_tokenizer
-from evl.weights import read_state_dict
+from evl.weights import VISION_CONFIG_METADATA, read_state_dict
 
 BACKBONE_FILE = "backbone.safetensors"
 
@@ -128,7 +127,7 @@ def inference_context(model: nn.Module) -> contextlib.AbstractContextManager:
 # ----------------------------------------------------------------------------------------------- building
 
 
-def build_backbone(run: RunConfig, run_dir: Path | None) -> tuple[CLIPVisionTransformer, str]:
+def build_backbone(run: RunConfig, run_dir: Path | None) -> tuple[nn.Module, str]:
     """EVL's image encoder; a random-init one is saved into the run so later commands get the same one."""
     saved = run_dir / BACKBONE_FILE if run_dir is not None else None
     if saved is not None and saved.is_file():
@@ -138,13 +137,13 @@ def build_backbone(run: RunConfig, run_dir: Path | None) -> tuple[CLIPVisionTran
         return module, name
     module, name = create_backbone(run.backbone.name, heads=run.backbone.heads)
     if saved is not None and run.backbone.name.startswith("random:"):
-        _save_atomic(saved, {k: v.contiguous() for k, v in module.state_dict().items()})
+        # With its config, so that reading it back needs no guess (heads, family).
+        metadata = {VISION_CONFIG_METADATA: json.dumps(to_dict(module.config))}
+        _save_atomic(saved, {k: v.contiguous() for k, v in module.state_dict().items()}, metadata)
     return module, name
 
 
-def model_config_for(
-    run: RunConfig, backbone: CLIPVisionTransformer, num_classes: int, name: str
-) -> ModelConfig:
+def model_config_for(run: RunConfig, backbone: nn.Module, num_classes: int, name: str) -> ModelConfig:
     decoder = dataclasses.replace(run.decoder, num_frames=run.data.num_frames, num_classes=num_classes)
     return ModelConfig(
         backbone=backbone.config,
@@ -172,9 +171,11 @@ def build_clip(run: RunConfig, run_dir: Path | None) -> CLIPTowers:
     return towers._replace(name=name if run.backbone.name.startswith("random:") else towers.name)
 
 
-def _save_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _save_atomic(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def is_xclip_checkpoint(path: str | Path) -> bool:

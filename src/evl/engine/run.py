@@ -108,9 +108,15 @@ def read_run_config(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     return run, payload["model"]
 
 
+# Fields model descriptions gained after runs had been saved without them, each with the value that
+# reproduces what those runs computed: a saved description that lacks one reads as having that value.
+FIELDS_ADDED_SINCE: dict[str, Any] = {"family": "clip", "register_tokens": 0}
+
+
 def _differences(saved: Any, built: Any, where: str = "") -> list[str]:
     """Dotted keys where two JSON values differ."""
     if isinstance(saved, dict) and isinstance(built, dict):
+        saved = {k: v for k, v in FIELDS_ADDED_SINCE.items() if k in built} | saved
         keys = sorted(set(saved) | set(built))
         return [d for k in keys for d in _differences(saved.get(k), built.get(k), f"{where}.{k}".lstrip("."))]
     return [] if saved == built else [f"{where or '<root>'}: saved {saved!r}, now {built!r}"]

@@ -22,7 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from evl.config import DecoderConfig, ModelConfig, VisionConfig
 from evl.devices import autocast, resolve_formulation, resolve_precision
-from evl.models.clip_vit import BlockFeatures, CLIPVisionTransformer
+from evl.models.clip_vit import BlockFeatures
+from evl.models.encoders import create_encoder
 from evl.models.frame_features import FrameFeatures, frame_features, write_block
 from evl.models.layers import LayerNorm, QuickGELU, TrainableStateModule, weights_fingerprint
 from evl.models.ops.attention import attend_memory
@@ -101,14 +102,15 @@ class TemporalCrossAttention(nn.Module):
 
     For frame t, A = mean over heads of softmax(q_t k_{t-1}^T / sqrt(Dh)) over the patch tokens (CLS dropped),
     and the output for query patch q is sum_k A[q, k] W_prev[offset(q, k)]; the same with frame t+1 and
-    W_next. The CLS row receives nothing. Maps [B, 2, T-1, P, P] (see :func:`cross_frame_attention`)
-    -> [B, T, L, C].
+    W_next. The ``prefix_tokens`` before the patches (CLS, registers; none for SigLIP) receive nothing.
+    Maps [B, 2, T-1, P, P] (see :func:`cross_frame_attention`) -> [B, T, L, C].
     """
 
-    def __init__(self, width: int, grid_h: int, grid_w: int) -> None:
+    def __init__(self, width: int, grid_h: int, grid_w: int, prefix_tokens: int = 1) -> None:
         super().__init__()
         num_offsets = (2 * grid_h - 1) * (2 * grid_w - 1)
         self.grid = (grid_h, grid_w)
+        self.prefix_tokens = prefix_tokens
         self.w_prev = nn.Parameter(torch.zeros(num_offsets, width))
         self.w_next = nn.Parameter(torch.zeros(num_offsets, width))
         self.register_buffer("index", relative_position_index(grid_h, grid_w), persistent=False)
@@ -117,7 +119,8 @@ class TemporalCrossAttention(nn.Module):
     def forward(self, attn: torch.Tensor | None, num_frames: int) -> torch.Tensor:
         """attn [B, 2, T-1, P, P] or None (one frame) -> [B, T, L, C] (zero at CLS)."""
         b = 1 if attn is None else attn.shape[0]
-        out = self.w_prev.new_zeros(b, num_frames, self.grid[0] * self.grid[1] + 1, self.w_prev.shape[1])
+        tokens = self.prefix_tokens + self.grid[0] * self.grid[1]
+        out = self.w_prev.new_zeros(b, num_frames, tokens, self.w_prev.shape[1])
         return self.add_to(out, attn)
 
     def add_to(self, y: torch.Tensor, attn: torch.Tensor | None, batched: bool = False) -> torch.Tensor:
@@ -140,10 +143,11 @@ class TemporalCrossAttention(nn.Module):
     def _gathered(self, attn: torch.Tensor, num_frames: int) -> torch.Tensor:
         """The paper's formulation, with the [P, P, C] table gathered: [B, T, L, C]."""
         b, _, _, p, _ = attn.shape
-        out = self.w_prev.new_zeros(b, num_frames, p + 1, self.w_prev.shape[1])
+        n = self.prefix_tokens
+        out = self.w_prev.new_zeros(b, num_frames, n + p, self.w_prev.shape[1])
         # NOTE(ref): frame t gets (0 + previous-frame term) + next-frame term, in that order.
-        out[:, 1:, 1:] += aggregate_relative_gather(attn[:, 0], self.w_prev, self.index)
-        out[:, :-1, 1:] += aggregate_relative_gather(attn[:, 1], self.w_next, self.index)
+        out[:, 1:, n:] += aggregate_relative_gather(attn[:, 0], self.w_prev, self.index)
+        out[:, :-1, n:] += aggregate_relative_gather(attn[:, 1], self.w_next, self.index)
         return out
 
     def _check_grid(self, attn: torch.Tensor | None) -> None:
@@ -151,7 +155,7 @@ class TemporalCrossAttention(nn.Module):
         if attn is not None and attn.shape[-1] != num_patches:
             raise ValueError(
                 f"temporal cross-attention was built for a {self.grid[0]}x{self.grid[1]} patch grid "
-                f"({num_patches + 1} tokens per frame) but got {attn.shape[-1] + 1} tokens per frame; "
+                f"({num_patches} patches per frame) but got {attn.shape[-1]} patches per frame; "
                 "feed frames at the backbone's image size"
             )
 
@@ -279,7 +283,9 @@ class EVLDecoder(nn.Module):
     cross-frame attention maps) and returns the final query [B, C].
     """
 
-    def __init__(self, config: DecoderConfig, width: int, heads: int, grid: tuple[int, int]) -> None:
+    def __init__(
+        self, config: DecoderConfig, width: int, heads: int, grid: tuple[int, int], prefix_tokens: int = 1
+    ) -> None:
         super().__init__()
         self.config = config
         m = config.num_layers
@@ -294,7 +300,7 @@ class EVLDecoder(nn.Module):
             else None
         )
         self.cross_attention = (
-            nn.ModuleList(TemporalCrossAttention(width, *grid) for _ in range(m))
+            nn.ModuleList(TemporalCrossAttention(width, *grid, prefix_tokens) for _ in range(m))
             if config.temporal_cross_attention
             else None
         )
@@ -388,15 +394,16 @@ class ClassifierHead(nn.Module):
 class EVL(TrainableStateModule):
     """Video classifier: videos [B, T, 3, H, W] (normalised) -> logits [B, num_classes]."""
 
-    def __init__(self, config: ModelConfig, backbone: CLIPVisionTransformer | None = None) -> None:
+    def __init__(self, config: ModelConfig, backbone: nn.Module | None = None) -> None:
         super().__init__()
         if backbone is not None and backbone.config != config.backbone:
             raise ValueError("the backbone module's config differs from config.backbone")
         self.config = config
         vision = config.backbone
         self.blocks = config.decoder.feeding_blocks(vision.layers)
-        self.backbone = backbone if backbone is not None else CLIPVisionTransformer(vision)
-        self.decoder = EVLDecoder(config.decoder, vision.width, vision.heads, (vision.grid_size,) * 2)
+        self.backbone = backbone if backbone is not None else create_encoder(vision)
+        grid = (vision.grid_size,) * 2
+        self.decoder = EVLDecoder(config.decoder, vision.width, vision.heads, grid, vision.prefix_tokens)
         self.head = ClassifierHead(vision.width, config.decoder.num_classes, config.decoder.head_dropout)
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
@@ -439,12 +446,13 @@ class EVL(TrainableStateModule):
         weights are never trained nor saved, so only a move back from a GPU sees the rounding."""
         super().to(*args, **kwargs)
         if self.frozen:
-            device = self.backbone.conv1.weight.device
+            weight = next(self.backbone.parameters())  # all of them share device and dtype
+            device = weight.device
             dtype = resolve_precision(self.config.backbone_dtype, device, "backbone.dtype")
-            if device.type == "cuda" and dtype != self.backbone.conv1.weight.dtype:
+            if device.type == "cuda" and dtype != weight.dtype:
                 self.backbone_fingerprint()  # of the weights as loaded, before the rounding
                 self.backbone.to(dtype)
-            elif device.type == "cpu" and self.backbone.conv1.weight.dtype != torch.float32:
+            elif device.type == "cpu" and weight.dtype != torch.float32:
                 self.backbone.float()  # moved back from a GPU: CPUs compute in float32 (autocast below)
         return self
 
@@ -512,8 +520,8 @@ class EVL(TrainableStateModule):
     ) -> list[FrameFeatures]:
         """Uninitialised float32 features of ``video``: out [B, T, L, C], attn [B, 2, T-1, P, P]."""
         b, t, _, height, width = video.shape
-        patch = self.config.backbone.patch_size
-        p = (height // patch) * (width // patch)
+        vision = self.config.backbone
+        p = (height // vision.patch_size) * (width // vision.patch_size)
 
         def empty(*shape: int) -> torch.Tensor:
             return torch.empty(shape, dtype=torch.float32, device=video.device)
@@ -521,7 +529,7 @@ class EVL(TrainableStateModule):
         with_attention = with_attention and t > 1
         return [
             FrameFeatures(
-                empty(b, t, p + 1, self.config.backbone.width),
+                empty(b, t, vision.prefix_tokens + p, vision.width),
                 empty(b, 2, t - 1, p, p) if with_attention else None,
             )
             for _ in blocks
@@ -550,15 +558,16 @@ class EVL(TrainableStateModule):
             for index, block in self._backbone_steps(video.flatten(0, 1), blocks):
                 unflattened = BlockFeatures(*(x.float().unflatten(0, (b, t)) for x in block))
                 del block
-                found[index] = frame_features(unflattened, with_attention)
+                found[index] = frame_features(unflattened, self.config.backbone.num_patches, with_attention)
                 del unflattened
         return [found[i] for i in blocks]
 
     def _backbone_steps(
         self, frames: torch.Tensor, blocks: Sequence[int]
     ) -> Iterator[tuple[int, BlockFeatures]]:
-        """:meth:`CLIPVisionTransformer.iter_intermediates`, each step run in the backbone's dtype context
-        (and what the caller does between steps, such as the float32 attention maps, outside it)."""
+        """The backbone's ``iter_intermediates`` (:class:`~evl.models.protocol.VisionEncoder`), each step
+        run in the backbone's dtype context (and what the caller does between steps, such as the float32
+        attention maps, outside it)."""
         steps = self.backbone.iter_intermediates(frames, blocks)
         while True:
             with self._backbone_context(frames.device):

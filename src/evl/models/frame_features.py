@@ -24,41 +24,42 @@ class FrameFeatures(NamedTuple):
 
 
 def cross_frame_attention(
-    q: torch.Tensor, k: torch.Tensor, out: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, num_patches: int, out: torch.Tensor | None = None
 ) -> torch.Tensor | None:
-    """Frozen q, k [B, T, L, H, Dh] (CLS first) -> head-averaged maps [B, 2, T-1, P, P] (None when T = 1),
-    written into ``out`` when given.
+    """Frozen q, k [B, T, L, H, Dh] (the ``num_patches`` = P patch tokens last, after any class or register
+    tokens) -> head-averaged maps [B, 2, T-1, P, P] (None when T = 1), written into ``out`` when given.
 
     A = mean over heads of softmax(q_t k_s^T / sqrt(Dh)) over the patch tokens, for s = t-1 and s = t+1.
     One frame pair at a time: the [B, H, P, P] scores of a pair are a few MiB, of all pairs tens.
     """
-    b, t, length, _, _ = q.shape
+    b, t = q.shape[:2]
     if t < 2:
         return None
     if out is None:
-        out = q.new_empty(b, 2, t - 1, length - 1, length - 1, dtype=torch.float32)
+        out = q.new_empty(b, 2, t - 1, num_patches, num_patches, dtype=torch.float32)
     for pair in range(t - 1):
-        out[:, 0, pair] = _head_averaged_attention(q[:, pair + 1], k[:, pair])
-        out[:, 1, pair] = _head_averaged_attention(q[:, pair], k[:, pair + 1])
+        out[:, 0, pair] = _head_averaged_attention(q[:, pair + 1], k[:, pair], num_patches)
+        out[:, 1, pair] = _head_averaged_attention(q[:, pair], k[:, pair + 1], num_patches)
     return out
 
 
-def _head_averaged_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def _head_averaged_attention(q: torch.Tensor, k: torch.Tensor, num_patches: int) -> torch.Tensor:
     """q, k [B, L, H, Dh] of two frames -> [B, P, P]: softmax(q k^T / sqrt(Dh)) over patches, head mean."""
-    q = q[:, 1:].transpose(1, 2).float() * q.shape[-1] ** -0.5  # [B, H, P, Dh], CLS dropped
-    k = k[:, 1:].transpose(1, 2).float()
+    q = q[:, -num_patches:].transpose(1, 2).float() * q.shape[-1] ** -0.5  # [B, H, P, Dh], CLS dropped
+    k = k[:, -num_patches:].transpose(1, 2).float()
     return (q @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
 
 
-def frame_features(block: BlockFeatures, with_attention: bool = True) -> FrameFeatures:
+def frame_features(block: BlockFeatures, num_patches: int, with_attention: bool = True) -> FrameFeatures:
     """Backbone block features (out [B, T, L, C], q/k [B, T, L, H, Dh]) -> :class:`FrameFeatures`."""
-    return FrameFeatures(block.out, cross_frame_attention(block.q, block.k) if with_attention else None)
+    attn = cross_frame_attention(block.q, block.k, num_patches) if with_attention else None
+    return FrameFeatures(block.out, attn)
 
 
 def write_block(block: BlockFeatures, target: FrameFeatures, rows: slice, num_frames: int) -> None:
     """Backbone features of clips ``rows`` (out [N, L, C], q/k [N, L, H, Dh], N = clips x frames) into
-    ``target``'s out and attention maps."""
+    ``target``'s out and attention maps (whose last axis is the patch count)."""
     target.out[rows] = block.out.unflatten(0, (-1, num_frames))
     if target.attn is not None:
         q, k = (x.unflatten(0, (-1, num_frames)) for x in (block.q, block.k))
-        cross_frame_attention(q, k, out=target.attn[rows])
+        cross_frame_attention(q, k, target.attn.shape[-1], out=target.attn[rows])

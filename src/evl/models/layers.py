@@ -33,7 +33,9 @@ def activation_layer(name: str) -> nn.Module:
         return QuickGELU()
     if name == "gelu":
         return nn.GELU()
-    raise ValueError(f"unknown activation {name!r}; expected 'quick_gelu' or 'gelu'")
+    if name == "gelu_tanh":  # SigLIP's gelu_pytorch_tanh
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}; expected 'quick_gelu', 'gelu' or 'gelu_tanh'")
 
 
 def preview_keys(keys: list[str], limit: int = 5) -> str:

@@ -7,12 +7,37 @@ classifier) also take tokenized class prompts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from evl.config import VisionConfig
+from evl.models.clip_vit import BlockFeatures
+
+
+@runtime_checkable
+class VisionEncoder(Protocol):
+    """An image encoder of any family (``models/encoders.py``): images [N, 3, S, S] (normalised) in.
+
+    Tokens [N, L, C] are laid out as ``config`` says: ``config.prefix_tokens`` class/register tokens, then
+    the ``config.num_patches`` patch tokens, row-major.
+    """
+
+    config: VisionConfig
+
+    def iter_intermediates(
+        self, x: torch.Tensor, blocks: Sequence[int]
+    ) -> Iterator[tuple[int, BlockFeatures]]:
+        """(block index, block output and its attention q/k) for the requested blocks, shallow to deep, as
+        each block finishes; only blocks up to the deepest requested one run."""
+        ...
+
+    def forward_intermediates(self, x: torch.Tensor, blocks: Sequence[int]) -> list[BlockFeatures]: ...
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> pooled embeddings [N, D]."""
+        ...
 
 
 @runtime_checkable

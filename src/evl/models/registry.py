@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 from evl.config import (
     MODEL_PRESETS,
@@ -20,6 +21,7 @@ from evl.config import (
 )
 from evl.models.clip_text import TEXT_PRESETS, CLIPTextTransformer, text_preset
 from evl.models.clip_vit import CLIPVisionTransformer
+from evl.models.encoders import create_encoder
 from evl.models.evl import EVL
 from evl.models.xclip import XCLIP, XCLIPConfig
 from evl.weights import (
@@ -28,6 +30,7 @@ from evl.weights import (
     load_clip_vision,
     load_official_evl,
     read_clip_text,
+    read_vision,
 )
 
 # File names OpenAI publishes its checkpoints under (and ``clip.load`` caches them as).
@@ -72,8 +75,9 @@ def create_backbone(
     heads: int | None = None,
     activation: str | None = None,
     image_size: int | None = None,
-) -> tuple[CLIPVisionTransformer, str]:
-    """A CLIP image encoder from ``NAME`` (local pretrained copy), ``random:NAME`` or a checkpoint ``PATH``.
+) -> tuple[nn.Module, str]:
+    """An image encoder from ``NAME`` (local pretrained copy), ``random:NAME`` or a checkpoint ``PATH`` of
+    any supported family (:func:`evl.weights.read_vision`).
 
     Returns the module and a display name. Loading is strict: every tensor is used and none is missing.
     """
@@ -82,7 +86,7 @@ def create_backbone(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if spec.startswith("random:"):
         name = spec[len("random:") :]
-        return CLIPVisionTransformer(vision_preset(name, **overrides)), name
+        return create_encoder(vision_preset(name, **overrides)), name
     if spec in VISION_PRESETS and not Path(spec).exists():
         path = find_local_weights(spec)
     else:
@@ -93,16 +97,32 @@ def create_backbone(
                 f"backbone {spec!r} is neither a file or folder nor a preset name ({known}); "
                 "random-init backbones are written random:NAME"
             )
-    config, state = load_clip_vision(path, heads=heads, activation=activation, image_size=image_size)
-    module = CLIPVisionTransformer(config)
-    module.load_state_dict(state, strict=True)
+    config, state = read_vision(path, heads=heads, activation=activation, image_size=image_size)
+    module = create_encoder(config)
+    load_strict(module, state, str(path), "image encoder")
     return module, str(path)
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
+    """``module.load_state_dict(state, strict=True)``; a mismatch is one :class:`WeightFormatError` line."""
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise WeightFormatError(
+            f"{source}: the {what} does not fit its {type(module).__name__} "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise WeightFormatError(f"{source}: {what} tensors have the wrong shapes ({detail})") from None
 
 
 def create_model(
     name: str = "evl-b16",
     num_classes: int = 400,
-    backbone: str | Path | CLIPVisionTransformer | None = None,
+    backbone: str | Path | nn.Module | None = None,
     **decoder_overrides: Any,
 ) -> EVL:
     """An EVL model from a preset, e.g. ``create_model("evl-b16", num_classes=400, backbone="ViT-B-16.pt")``.
@@ -113,10 +133,10 @@ def create_model(
     if name not in MODEL_PRESETS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_PRESETS)}")
     config = model_preset(name, num_classes=num_classes, **decoder_overrides)
-    module: CLIPVisionTransformer | None
+    module: nn.Module | None
     if backbone is None:
         module = None
-    elif isinstance(backbone, CLIPVisionTransformer):
+    elif isinstance(backbone, nn.Module):
         module = backbone
     else:
         module, backbone_name = create_backbone(backbone)
@@ -128,7 +148,7 @@ def create_model(
 
 def load_official_checkpoint(
     checkpoint: str | Path,
-    backbone: str | Path | CLIPVisionTransformer,
+    backbone: str | Path | nn.Module,
     backbone_heads: int | None = None,
     **decoder_overrides: Any,
 ) -> EVL:
@@ -138,7 +158,7 @@ def load_official_checkpoint(
     decoder's head count (not stored) defaults to the backbone's, as the official code builds it.
     """
     state, fields = load_official_evl(checkpoint)
-    if isinstance(backbone, CLIPVisionTransformer):
+    if isinstance(backbone, nn.Module):
         module, backbone_name = backbone, "module"
     else:
         module, backbone_name = create_backbone(backbone, heads=backbone_heads)
@@ -186,20 +206,8 @@ def load_clip_text(path: str | Path, **overrides: Any) -> tuple[CLIPTextTransfor
     store neither heads nor activation. Any mismatch with the module is a one-line :class:`WeightFormatError`.
     """
     config, text, logit_scale = read_clip_text(path, **overrides)
-    source = str(path)
     model = CLIPTextTransformer(config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(text)), sorted(set(text) - expected)
-    if missing or unexpected:
-        raise WeightFormatError(
-            f"{source}: the text encoder does not fit CLIP's text transformer "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    try:
-        model.load_state_dict(text, strict=True)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())
-        raise WeightFormatError(f"{source}: text encoder tensors have the wrong shapes ({detail})") from None
+    load_strict(model, text, str(path), "text encoder")
     return model, logit_scale
 
 

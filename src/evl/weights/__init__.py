@@ -32,9 +32,11 @@ from evl.weights.clip_vision import (
 from evl.weights.files import Tensors, WeightFormatError, read_state_dict
 from evl.weights.official_evl import infer_decoder_fields, is_official_evl, load_official_evl
 from evl.weights.renames import apply_renames, hf_block_renames, merge_qkv
+from evl.weights.vision import VISION_CONFIG_METADATA, read_vision, vision_family
 
 __all__ = [
     "DEFAULT_LOGIT_SCALE",
+    "VISION_CONFIG_METADATA",
     "Tensors",
     "WeightFormatError",
     "apply_renames",
@@ -50,5 +52,7 @@ __all__ = [
     "merge_qkv",
     "read_clip_text",
     "read_state_dict",
+    "read_vision",
     "resize_positional_embedding",
+    "vision_family",
 ]

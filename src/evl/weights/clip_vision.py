@@ -133,7 +133,18 @@ def load_clip_vision(
     tell (OpenAI and open_clip files store neither); ``image_size`` resizes the position embeddings.
     """
     state, info = read_state_dict(path)
-    source = str(path)
+    return clip_vision_from_state(state, info, str(path), heads, activation, image_size)
+
+
+def clip_vision_from_state(
+    state: Tensors,
+    info: dict[str, Any],
+    source: str,
+    heads: int | None = None,
+    activation: str | None = None,
+    image_size: int | None = None,
+) -> tuple[VisionConfig, Tensors]:
+    """:func:`load_clip_vision` on a file already read by :func:`~evl.weights.files.read_state_dict`."""
     visual = clip_visual_state_dict(state, source)
     fields: dict[str, Any] = {"mean": CLIP_MEAN, "std": CLIP_STD}
     if "hf_config" in info:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors
 
 Tensors = dict[str, torch.Tensor]
@@ -74,8 +75,9 @@ def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
 def read_state_dict(path: str | Path) -> tuple[Tensors, dict[str, Any]]:
     """Read any supported file or folder into (flat tensor dict, side information).
 
-    Side information holds ``format`` and, for folders, the parsed JSON config (``hf_config`` or
-    ``open_clip_config``). Wrappers (``state_dict``, ``model``) and a DDP ``module.`` prefix are removed.
+    Side information holds ``format``, for folders the parsed JSON config (``hf_config`` or
+    ``open_clip_config``), and for safetensors files their string ``metadata``. Wrappers (``state_dict``,
+    ``model``) and a DDP ``module.`` prefix are removed.
     """
     path = Path(path)
     if not path.exists():
@@ -101,6 +103,8 @@ def read_state_dict(path: str | Path) -> tuple[Tensors, dict[str, Any]]:
     if path.suffix == ".safetensors":
         try:
             obj: Any = load_safetensors(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                info["metadata"] = f.metadata() or {}
         except Exception as err:  # safetensors raises its own error types for damaged headers
             raise WeightFormatError(f"{path}: damaged safetensors file ({err})") from None
         info.setdefault("format", "safetensors")

@@ -231,10 +231,12 @@ def aggregate_relative_gather(attn: torch.Tensor, weight: torch.Tensor, index: t
     return torch.einsum("...qk,qkc->...qc", attn, weight[index])
 
 
-def receiving_patches(x: torch.Tensor, direction: int) -> torch.Tensor:
-    """[B, T, L, C] -> view [B, T-1, P, C]: the patch tokens of the frames that receive ``direction``'s term
-    (0: frames 1.., which attend to their previous frame; 1: frames ..T-2, to their next)."""
-    return x[:, 1:, 1:] if direction == 0 else x[:, :-1, 1:]
+def receiving_patches(x: torch.Tensor, direction: int, num_patches: int) -> torch.Tensor:
+    """[B, T, L, C] -> view [B, T-1, P, C]: the patch tokens (the last P of each frame) of the frames that
+    receive ``direction``'s term (0: frames 1.., which attend to their previous frame; 1: frames ..T-2, to
+    their next)."""
+    frames = x[:, 1:] if direction == 0 else x[:, :-1]
+    return frames[:, :, x.shape[2] - num_patches :]
 
 
 class _AddCrossFrameTerms(torch.autograd.Function):
@@ -246,7 +248,7 @@ class _AddCrossFrameTerms(torch.autograd.Function):
     def forward(ctx, y, attn, w_prev, w_next, aggregation):
         maps = aggregation.prepare(attn.transpose(0, 1))  # direction first: each direction's maps contiguous
         for direction, weight in enumerate((w_prev, w_next)):
-            aggregation.add_to(receiving_patches(y, direction), maps[direction], weight)
+            aggregation.add_to(receiving_patches(y, direction, attn.shape[-1]), maps[direction], weight)
         ctx.mark_dirty(y)
         ctx.save_for_backward(maps, w_prev, w_next)
         ctx.aggregation = aggregation
@@ -259,7 +261,7 @@ class _AddCrossFrameTerms(torch.autograd.Function):
         aggregation: RelativeAggregation = ctx.aggregation
         grad_attn, grad_weights = [], []
         for direction, weight in enumerate(weights):
-            received = receiving_patches(grad, direction)
+            received = receiving_patches(grad, direction, maps.shape[-1])
             if ctx.needs_input_grad[1]:
                 grad_attn.append(aggregation.attn_grad(weight, received))
             needed = ctx.needs_input_grad[2 + direction]
@@ -284,6 +286,7 @@ def add_cross_frame_terms_gathered(
 ) -> torch.Tensor:
     """:func:`add_cross_frame_terms` with the gathered table: one batched matmul per direction over every
     clip and frame pair (the GPU formulation; plain autograd)."""
-    receiving_patches(y, 0).add_(aggregate_relative_gather(attn[:, 0], w_prev, index))
-    receiving_patches(y, 1).add_(aggregate_relative_gather(attn[:, 1], w_next, index))
+    num_patches = attn.shape[-1]
+    receiving_patches(y, 0, num_patches).add_(aggregate_relative_gather(attn[:, 0], w_prev, index))
+    receiving_patches(y, 1, num_patches).add_(aggregate_relative_gather(attn[:, 1], w_next, index))
     return y
