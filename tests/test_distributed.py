@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from evl.engine.distributed import (
     rank_seed,
     wrap_ddp,
 )
+from evl.engine.feature_cache import DONE, FeatureCache
 from evl.engine.run import load_run
 from evl.synth import make_dataset
 from recording_group import Call, recording_world
@@ -121,6 +123,32 @@ def test_two_gloo_processes_match_one_process(dataset, tmp_path):
             assert (a[key] - b[key]).abs().max() <= 2 * STEPS * LR
             continue
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_two_gloo_processes_extract_the_same_cache_as_one(dataset, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+    flags = ["extract", "--data-root", str(dataset.root), "--train-list", str(dataset.train_list),
+             "--classes", str(dataset.classes_file), "--backbone", "random:ViT-T/16@112",
+             "--num-frames", "4", "--frame-stride", "2", "--decoder-layers", "2", "--num-workers", "0",
+             "--batch-size", "3", "--quiet"]  # fmt: skip
+    single, double = tmp_path / "single", tmp_path / "double"
+    done = subprocess.run([sys.executable, "-m", "evl", *flags, "--output", str(single)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    double.mkdir()
+    (double / "backbone.safetensors").write_bytes((single / "backbone.safetensors").read_bytes())
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "evl", *flags, "--output", str(double)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{done.stdout[-1500:]}\n{done.stderr[:4000]}"
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["extracted_now"] for r in reports] == [8]  # one report, counting both processes' videos
+
+    a, b = FeatureCache.open(single), FeatureCache.open(double)
+    assert a.entries() == b.entries() and (a.status() == DONE).all() and (b.status() == DONE).all()
+    for name in sorted(p.name for p in single.glob("block*.npy")):
+        # Each clip runs through the backbone alone on CPUs, whatever process or batch it falls in.
+        np.testing.assert_array_equal(np.load(single / name), np.load(double / name), err_msg=name)
 
 
 def nccl_like(device: torch.device) -> DistEnv:

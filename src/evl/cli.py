@@ -133,14 +133,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = {"run_dir": str(result.run_dir), "step": result.step, "final_loss": loss}
     if result.evaluation is not None:
         summary["val"] = result.evaluation.result.to_dict()
-    if os.environ.get("RANK", "0") == "0":  # one summary per distributed run
+    if _is_first_process():  # one summary per distributed run
         print(json.dumps(summary))
     return EXIT_OK
 
 
+def _is_first_process() -> bool:
+    """Whether this is the process that reports (rank 0 under torchrun, the only one otherwise)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _add_extract_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "extract", help="run the frozen backbone once over a list and cache what the decoder reads"
+        "extract",
+        help="run the frozen backbone once over a list and cache what the decoder reads "
+        "(under torchrun, the videos are shared out to the processes)",
     )
     p.add_argument("--config", help="YAML recipe: a path or a shipped name such as k400_b16_8f")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
@@ -181,6 +188,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
     )
+    if not _is_first_process():
+        return EXIT_OK
     print(
         json.dumps(
             {

@@ -3,6 +3,11 @@
 :func:`extract` runs a model's frozen backbone once per video and writes the rows; :func:`extract_list` is the
 command as one engine call: it picks the list of a run config and builds the model whose frozen backbone fills
 the cache (through the method registry).
+
+Under ``torchrun --nproc_per_node N -m evl extract ...`` the pending videos are dealt out to the processes
+(process r takes pending rows r, r + N, ...): every video is extracted once, each process writes only its
+own rows of the shared arrays, and a killed extraction resumes from what every process had finished. The
+processes share the cache's memory-mapped files, so they run on one machine (one node, any number of GPUs).
 """
 
 from __future__ import annotations
@@ -19,6 +24,14 @@ from tqdm.auto import tqdm
 
 from evl.config import RunConfig, SettingError, to_dict
 from evl.devices import pick_device
+from evl.engine.distributed import (
+    DistEnv,
+    all_gather_objects,
+    barrier,
+    device_for,
+    init_distributed,
+    shutdown,
+)
 from evl.engine.feature_cache import PENDING, SKIPPED, CacheMeta, FeatureCache, cache_bytes_per_clip
 from evl.engine.loading import loader_options
 from evl.engine.methods import build_feature_model
@@ -48,12 +61,16 @@ def extract(
     batch_size: int = 4,
     blocks: Sequence[int] | None = None,
     progress: bool = True,
+    env: DistEnv | None = None,
 ) -> ExtractResult:
     """Run ``model``'s frozen backbone once per video (centre clip, centre crop) and store decoder inputs.
 
     ``blocks`` defaults to the blocks ``model``'s decoder reads; cache more to sweep decoder depth later.
     A random-init backbone is expected to be saved in ``out_dir`` already (``engine.run.build_backbone``).
+    With ``env`` of several processes, each extracts its share of the pending videos (every process calls
+    this with the same arguments); the result counts all of them.
     """
+    env = env or DistEnv()
     if not model.frozen:
         raise ValueError("a feature cache needs a frozen backbone (backbone.freeze = true)")
     data = dataclasses.replace(run.data, num_temporal_views=1, num_spatial_views=1)
@@ -72,8 +89,15 @@ def extract(
         classes=list(classes),
         num_videos=len(entries),
     )
-    cache = FeatureCache.create_or_resume(out_dir, meta, entries)
-    pending = np.flatnonzero(np.asarray(cache.status()) == PENDING)
+    # The first process creates the arrays; the others open them once they exist.
+    if env.is_main:
+        cache = FeatureCache.create_or_resume(out_dir, meta, entries)
+    barrier(env)
+    if not env.is_main:
+        cache = FeatureCache.create_or_resume(out_dir, meta, entries)
+    all_pending = np.flatnonzero(np.asarray(cache.status()) == PENDING)
+    barrier(env)  # every process has read the same pending rows before any is written
+    pending = all_pending[env.rank :: env.world_size]
     dataset = EvalClips(
         [entries[i] for i in pending],
         data.data_root,
@@ -91,11 +115,11 @@ def extract(
     model.eval()
     skipped = 0
     bar = tqdm(
-        total=len(entries),
-        initial=len(entries) - len(pending),
+        total=len(entries) - len(all_pending) + len(pending),
+        initial=len(entries) - len(all_pending),
         desc="extract",
         unit="video",
-        disable=not progress,
+        disable=not progress or not env.is_main,
     )
     with torch.no_grad():
         for batch in loader:
@@ -111,7 +135,9 @@ def extract(
                 cache.write([pending[i] for i in batch["index"]], block_features)
             bar.update(len(batch["failed"]) + len(batch["index"]))
     bar.close()
-    return ExtractResult(cache.root, len(entries), len(pending), skipped, cache_bytes_per_clip(meta))
+    barrier(env)  # no process reports before every row is written
+    skipped = sum(all_gather_objects(env, skipped))
+    return ExtractResult(cache.root, len(entries), len(all_pending), skipped, cache_bytes_per_clip(meta))
 
 
 def extract_list(
@@ -137,7 +163,18 @@ def extract_list(
         raise SettingError(f"data.{split}_list", f"no {split} list to extract: set data.{split}_list")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = build_feature_model(run, out_dir, classes).to(pick_device(device))
-    return extract(
-        model, run, entries, classes, out_dir, batch_size=batch_size, blocks=blocks, progress=progress
-    )
+    requested = pick_device(device)
+    env = init_distributed(requested)
+    try:
+        # The first process saves a random-init backbone; the others then load the same one.
+        if not env.is_main:
+            barrier(env)
+        model = build_feature_model(run, out_dir, classes)
+        if env.is_main:
+            barrier(env)
+        model = model.to(device_for(env, requested))
+        return extract(
+            model, run, entries, classes, out_dir, batch_size, blocks, progress=progress, env=env
+        )
+    finally:
+        shutdown(env)
