@@ -173,8 +173,6 @@ def extract_list(
         if env.is_main:
             barrier(env)
         model = model.to(device_for(env, requested))
-        return extract(
-            model, run, entries, classes, out_dir, batch_size, blocks, progress=progress, env=env
-        )
+        return extract(model, run, entries, classes, out_dir, batch_size, blocks, progress=progress, env=env)
     finally:
         shutdown(env)
