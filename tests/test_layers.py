@@ -18,9 +18,21 @@ PACKAGE = "evl"
 # Bottom to top. A module belongs to the layer of the longest prefix below that names it (a package
 # prefix covers its submodules). A new module must be placed here before this test passes.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    # Frozen dataclasses and presets, atomic file writes, device/precision choices, the tokenizer, process
-    # settings. recipes.py resolves YAML and --set overrides into config dataclasses: config work.
-    ("base", ("evl.config", "evl.io", "evl.devices", "evl.tokenizer", "evl.runtime", "evl.recipes")),
+    # Frozen dataclasses and presets, atomic file writes, device/precision choices, the tokenizers (CLIP's,
+    # and text_tokenizers.py: those checkpoint folders ship), process settings. recipes.py resolves YAML and
+    # --set overrides into config dataclasses: config work.
+    (
+        "base",
+        (
+            "evl.config",
+            "evl.io",
+            "evl.devices",
+            "evl.tokenizer",
+            "evl.text_tokenizers",
+            "evl.runtime",
+            "evl.recipes",
+        ),
+    ),
     # Checkpoint files -> (config, tensors) under our parameter names; no module is built there.
     ("weights", ("evl.weights",)),
     # Lists, decoding, sampling, transforms, datasets; no model. splits.py draws and writes subset lists;

@@ -18,6 +18,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # SigLIP and SigLIP 2 take pixels scaled to [-1, 1]
 
 
 class SettingError(ValueError):
@@ -58,6 +59,9 @@ class VisionConfig:
     interpolation: str = "bicubic"  # used when resizing frames to ``image_size``
     family: str = "clip"
     register_tokens: int = 0  # DINOv2 with registers: extra learned tokens between CLS and the patches
+    # SigLIP: the pooled embedding comes from the attention-pooling head; False (``vision_use_head`` false in
+    # transformers): a tower without it, pooled by the mean of its final tokens.
+    pool_head: bool = True
 
     def __post_init__(self) -> None:
         if self.family not in VISION_FAMILIES:
@@ -71,9 +75,13 @@ class VisionConfig:
             )
         if self.register_tokens and self.family != "dinov2":
             raise ValueError(f"VisionConfig: register tokens are DINOv2's, not the {self.family} family's")
+        if not self.pool_head and self.family != "siglip":
+            raise ValueError(f"VisionConfig: only SigLIP towers go without a pooling head, not {self.family}")
         if self.width % self.heads:
             raise ValueError(f"VisionConfig: width {self.width} is not divisible by heads {self.heads}")
-        if self.image_size % self.patch_size:
+        # NOTE(ref): SigLIP So400m/14 reads 384 px images with 27 patches of 14 px: its patch convolution
+        # ("valid" padding) drops the last 6 rows and columns. Other families need whole patches.
+        if self.image_size % self.patch_size and self.family != "siglip":
             raise ValueError(
                 f"VisionConfig: image_size {self.image_size} is not a multiple of "
                 f"patch_size {self.patch_size}"
@@ -101,7 +109,37 @@ class VisionConfig:
         return round(self.width * self.mlp_ratio)
 
 
-# Real CLIP encoders (OpenAI release), plus small random-init presets for CPU work.
+def _siglip(**shape: Any) -> dict[str, Any]:
+    """A SigLIP preset: patches only (no class token), GELU-tanh, LayerNorm eps 1e-6, pixels in [-1, 1], and
+    an attention-pooled embedding of the encoder's own width (no projection)."""
+    return dict(
+        family="siglip",
+        output_dim=None,
+        layer_norm_eps=1e-6,
+        activation="gelu_tanh",
+        mean=SIGLIP_MEAN,
+        std=SIGLIP_STD,
+        **shape,
+    )
+
+
+def _dinov2(patch_size: int = 14, image_size: int = 224, **shape: Any) -> dict[str, Any]:
+    """A DINOv2 preset: CLS and patch tokens (and ``register_tokens``), exact GELU, LayerNorm eps 1e-6,
+    ImageNet statistics, and the final-normed CLS token as its embedding (no projection)."""
+    return dict(
+        family="dinov2",
+        patch_size=patch_size,
+        image_size=image_size,
+        output_dim=None,
+        layer_norm_eps=1e-6,
+        activation="gelu",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        **shape,
+    )
+
+
+# Real CLIP encoders (OpenAI release) and SigLIP towers (Google), plus small random-init presets for CPU work.
 VISION_PRESETS: dict[str, dict[str, Any]] = {
     "ViT-B/32": dict(width=768, layers=12, heads=12, patch_size=32, image_size=224, output_dim=512),
     "ViT-B/16": dict(width=768, layers=12, heads=12, patch_size=16, image_size=224, output_dim=512),
@@ -111,6 +149,37 @@ VISION_PRESETS: dict[str, dict[str, Any]] = {
     "ViT-T/16": dict(width=192, layers=12, heads=3, patch_size=16, image_size=224, output_dim=128),
     # A few seconds per training step on two CPU cores: what the demo and the end-to-end tests use.
     "ViT-T/16@112": dict(width=192, layers=6, heads=3, patch_size=16, image_size=112, output_dim=128),
+    "SigLIP-B/16": _siglip(width=768, layers=12, heads=12, patch_size=16, image_size=224),
+    "SigLIP-L/16@256": _siglip(width=1024, layers=24, heads=16, patch_size=16, image_size=256),
+    # MLP 4304: mlp_width rounds 1152 * (4304 / 1152) back to it exactly.
+    "SigLIP-So400m/14@384": _siglip(
+        width=1152, layers=27, heads=16, patch_size=14, image_size=384, mlp_ratio=4304 / 1152
+    ),
+    # SigLIP 2's fixed-resolution towers have SigLIP's shapes; their preprocessing resizes bilinearly.
+    "SigLIP2-B/16": _siglip(
+        width=768, layers=12, heads=12, patch_size=16, image_size=224, interpolation="bilinear"
+    ),
+    "SigLIP2-L/16@256": _siglip(
+        width=1024, layers=24, heads=16, patch_size=16, image_size=256, interpolation="bilinear"
+    ),
+    "SigLIP2-So400m/14@384": _siglip(
+        width=1152,
+        layers=27,
+        heads=16,
+        patch_size=14,
+        image_size=384,
+        mlp_ratio=4304 / 1152,
+        interpolation="bilinear",
+    ),
+    "SigLIP-T/16@112": _siglip(width=192, layers=6, heads=3, patch_size=16, image_size=112),
+    # DINOv2 (Meta), published at 518 px (37x37 patches) and run here at 224 px (16x16); "-reg": 4 registers.
+    "DINOv2-S/14": _dinov2(width=384, layers=12, heads=6),
+    "DINOv2-B/14": _dinov2(width=768, layers=12, heads=12),
+    "DINOv2-L/14": _dinov2(width=1024, layers=24, heads=16),
+    "DINOv2-S/14-reg": _dinov2(width=384, layers=12, heads=6, register_tokens=4),
+    "DINOv2-B/14-reg": _dinov2(width=768, layers=12, heads=12, register_tokens=4),
+    "DINOv2-L/14-reg": _dinov2(width=1024, layers=24, heads=16, register_tokens=4),
+    "DINOv2-T/14@112": _dinov2(width=192, layers=6, heads=3, image_size=112),
 }
 
 
@@ -151,6 +220,39 @@ class TextConfig:
         if not 0 <= self.eot_token_id < self.vocab_size:
             raise ValueError(
                 f"TextConfig: eot_token_id {self.eot_token_id} is outside the vocabulary of {self.vocab_size}"
+            )
+
+    @property
+    def mlp_width(self) -> int:
+        return round(self.width * self.mlp_ratio)
+
+
+@dataclass(frozen=True)
+class SigLIPTextConfig:
+    """A SigLIP / SigLIP 2 text transformer: CLIP's fields where they mean the same, without an end-of-text
+    token. Its blocks attend both ways, and the sentence embedding is the last position's output through a
+    ``head`` Linear (with bias), so a row must be padded to the full ``context_length``.
+
+    Defaults are SigLIP B/16's text tower.
+    """
+
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    context_length: int = 64
+    vocab_size: int = 32000
+    output_dim: int = 768  # ``head`` out features: the joint embedding size
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+    activation: str = "gelu_tanh"
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"SigLIPTextConfig: width {self.width} is not divisible by heads {self.heads}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"SigLIPTextConfig: unknown activation {self.activation!r}; "
+                f"expected one of {', '.join(ACTIVATIONS)}"
             )
 
     @property

@@ -110,7 +110,7 @@ def read_run_config(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
 
 # Fields model descriptions gained after runs had been saved without them, each with the value that
 # reproduces what those runs computed: a saved description that lacks one reads as having that value.
-FIELDS_ADDED_SINCE: dict[str, Any] = {"family": "clip", "register_tokens": 0}
+FIELDS_ADDED_SINCE: dict[str, Any] = {"family": "clip", "register_tokens": 0, "pool_head": True}
 
 
 def _differences(saved: Any, built: Any, where: str = "") -> list[str]:

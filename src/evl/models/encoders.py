@@ -13,9 +13,13 @@ from torch import nn
 
 from evl.config import VisionConfig
 from evl.models.clip_vit import CLIPVisionTransformer
+from evl.models.dinov2_vit import DINOv2VisionTransformer
+from evl.models.siglip_vit import SigLIPVisionTransformer
 
 ENCODERS: dict[str, Callable[[VisionConfig], nn.Module]] = {
     "clip": CLIPVisionTransformer,
+    "siglip": SigLIPVisionTransformer,
+    "dinov2": DINOv2VisionTransformer,
 }
 
 

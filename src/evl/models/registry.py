@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,13 +25,18 @@ from evl.models.clip_text import TEXT_PRESETS, CLIPTextTransformer, text_preset
 from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.encoders import create_encoder
 from evl.models.evl import EVL
+from evl.models.siglip_text import SigLIPTextTransformer
 from evl.models.xclip import XCLIP, XCLIPConfig
+from evl.text_tokenizers import TokenizerFormatError, load_tokenizer
+from evl.tokenizer import default_tokenizer
 from evl.weights import (
     DEFAULT_LOGIT_SCALE,
+    SIGLIP_TEXT_MODEL_TYPES,
     WeightFormatError,
     load_clip_vision,
     load_official_evl,
     read_clip_text,
+    read_siglip_text,
     read_vision,
 )
 
@@ -209,6 +216,93 @@ def load_clip_text(path: str | Path, **overrides: Any) -> tuple[CLIPTextTransfor
     model = CLIPTextTransformer(config)
     load_strict(model, text, str(path), "text encoder")
     return model, logit_scale
+
+
+def load_siglip_text(path: str | Path, **overrides: Any) -> tuple[SigLIPTextTransformer, float, float]:
+    """The text encoder of a Hugging Face SigLIP or SigLIP 2 folder, loaded strict.
+
+    Returns the float32 module, the model's ``logit_scale`` and its ``logit_bias`` (see
+    :func:`evl.weights.read_siglip_text`). Any mismatch with the module is a one-line
+    :class:`WeightFormatError`.
+    """
+    config, text, logit_scale, logit_bias = read_siglip_text(path, **overrides)
+    model = SigLIPTextTransformer(config)
+    load_strict(model, text, str(path), "text encoder")
+    return model, logit_scale, logit_bias
+
+
+class TextTower(NamedTuple):
+    """A checkpoint's text encoder with the tokenizer it was trained with and the scale (and bias) of its
+    image-text scores."""
+
+    text: nn.Module  # token ids [N, L] -> embeddings [N, D] (CLIPTextTransformer or SigLIPTextTransformer)
+    tokenizer: Callable[..., torch.Tensor]  # texts -> ids [N, context_length], called as CLIP's tokenizer
+    logit_scale: float  # log of the logit temperature
+    # SigLIP: scores are sigmoid(exp(logit_scale) * cos + logit_bias), per pair. None: CLIP's softmax over
+    # the candidates of exp(logit_scale) * cos.
+    logit_bias: float | None
+    name: str
+
+
+# Hugging Face model types of CLIP-like towers that need the folder's own tokenizer (another vocabulary than
+# CLIP's BPE). SigLIP folders always use theirs.
+_FOLDER_TOKENIZER_MODEL_TYPES = ("metaclip_2", "metaclip_2_text_model")
+
+
+def _folder_model_type(path: Path) -> str | None:
+    """A Hugging Face folder's ``model_type`` (None for anything else)."""
+    config = path / "config.json"
+    if not path.is_dir() or not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _folder_tokenizer(path: Path, text: nn.Module, pooled_id: int | None) -> Callable[..., torch.Tensor]:
+    """The folder's tokenizer, checked against the text tower it feeds."""
+    try:
+        tokenizer = load_tokenizer(path, context_length=text.config.context_length)
+    except TokenizerFormatError as err:
+        raise WeightFormatError(str(err)) from None
+    if tokenizer.vocab_size > text.config.vocab_size:
+        raise WeightFormatError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} ids, the text encoder embeds "
+            f"{text.config.vocab_size}; they do not belong together"
+        )
+    if pooled_id is not None and tokenizer.eos_token_id != pooled_id:
+        raise WeightFormatError(
+            f"{path}: the text encoder pools at token id {pooled_id}, but the tokenizer ends texts with "
+            f"{tokenizer.eos_token_id}"
+        )
+    return tokenizer
+
+
+def load_text_tower(path: str | Path) -> TextTower:
+    """A checkpoint's text side, ready to score class names: the text encoder (loaded strict), its tokenizer
+    and the logit scale and bias, from
+
+    * a Hugging Face SigLIP / SigLIP 2 folder: :class:`SigLIPTextTransformer`, the folder's tokenizer
+      (``spiece.model`` or ``tokenizer.json``) padding to the tower's 64 positions, scale and bias;
+    * a Hugging Face MetaCLIP 2 folder: :class:`CLIPTextTransformer` pooled at ``</s>``, the folder's XLM-R
+      ``tokenizer.json``, the scale;
+    * any other file :func:`load_clip_text` reads: CLIP's text encoder and CLIP's BPE tokenizer
+      (:func:`evl.tokenizer.default_tokenizer`), the scale.
+
+    Nothing is downloaded; a missing or mismatched part is a one-line :class:`WeightFormatError`.
+    """
+    path = Path(path)
+    model_type = _folder_model_type(path)
+    if model_type in SIGLIP_TEXT_MODEL_TYPES:
+        siglip, logit_scale, logit_bias = load_siglip_text(path)
+        return TextTower(siglip, _folder_tokenizer(path, siglip, None), logit_scale, logit_bias, str(path))
+    text, logit_scale = load_clip_text(path)
+    if model_type in _FOLDER_TOKENIZER_MODEL_TYPES:
+        tokenizer = _folder_tokenizer(path, text, text.config.eot_token_id)
+    else:
+        tokenizer = default_tokenizer()
+    return TextTower(text, tokenizer, logit_scale, None, str(path))
 
 
 def create_clip(

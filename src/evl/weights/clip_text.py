@@ -3,8 +3,10 @@
 OpenAI's ``CLIP`` keeps the text tower at the top level of its state dict (``token_embedding``,
 ``positional_embedding``, ``transformer.resblocks.N``, ``ln_final``, ``text_projection``): those names are
 ours. open_clip files use them too (``text.`` first in a ``CustomTextCLIP``); Hugging Face ``CLIPModel``,
-``CLIPTextModel`` and ``CLIPTextModelWithProjection`` folders map through :data:`_HF_TEXT_RENAMES`. Which
-token is pooled, the activation and the head count come from the folder's JSON config where there is one.
+``CLIPTextModel`` and ``CLIPTextModelWithProjection`` folders map through :data:`_HF_TEXT_RENAMES`, and so do
+MetaCLIP 2's (``MetaClip2Model``, ``MetaClip2TextModel(WithProjection)``: CLIP's tower on an XLM-R
+vocabulary, pooled at its ``</s>``). Which token is pooled, the activation and the head count come from the
+folder's JSON config where there is one.
 """
 
 from __future__ import annotations
@@ -101,7 +103,25 @@ def infer_text_config(text: Tensors, source: str = "checkpoint", **overrides: An
         raise WeightFormatError(f"{source}: {err}") from None
 
 
+# Hugging Face model types whose text tower pools at the first ``eos_token_id`` as written, 2 included.
+# NOTE(ref): MetaCLIP 2's configs say 2, the ``</s>`` of its XLM-R vocabulary, and transformers' MetaClip2
+# text model pools there, without CLIP's exception for 2.
+_EOS_AS_WRITTEN_MODEL_TYPES = ("metaclip_2", "metaclip_2_text_model")
+# Hugging Face model types that hold a text tower of another design, and where it is read instead.
+_OTHER_TEXT_TOWERS = {
+    "siglip": "a SigLIP text tower (evl.models.registry.load_siglip_text)",
+    "siglip2": "a SigLIP 2 text tower (evl.models.registry.load_siglip_text)",
+    "siglip_text_model": "a SigLIP text tower (evl.models.registry.load_siglip_text)",
+    "siglip2_text_model": "a SigLIP 2 text tower (evl.models.registry.load_siglip_text)",
+}
+
+
 def _hf_text_fields(hf_config: dict[str, Any], source: str) -> dict[str, Any]:
+    model_type = hf_config.get("model_type")
+    if model_type in _OTHER_TEXT_TOWERS:
+        raise WeightFormatError(
+            f"{source}: model_type {model_type!r} holds {_OTHER_TEXT_TOWERS[model_type]}, not CLIP's"
+        )
     if "text_config" in hf_config or "text_config_dict" in hf_config:
         # Older hub files nest the tower as text_config_dict, which wins as in transformers.
         text = {**(hf_config.get("text_config") or {}), **(hf_config.get("text_config_dict") or {})}
@@ -116,10 +136,10 @@ def _hf_text_fields(hf_config: dict[str, Any], source: str) -> dict[str, Any]:
         raise WeightFormatError(f"{source}: text activation {act!r} is not supported (quick_gelu or gelu)")
     fields["activation"] = act
     eos = text.get("eos_token_id")
-    # NOTE(ref): transformers pools at the first ``eos_token_id``, except when it is 2 (configs written before
-    # its fix, e.g. openai/clip-vit-base-patch32): then at argmax(token ids), which the default of
+    # NOTE(ref): transformers pools CLIP at the first ``eos_token_id``, except when it is 2 (configs written
+    # before its fix, e.g. openai/clip-vit-base-patch32): then at argmax(token ids), which the default of
     # infer_text_config (the vocabulary's last id, CLIP's end-of-text) reproduces.
-    if isinstance(eos, int) and eos != 2:
+    if isinstance(eos, int) and (eos != 2 or model_type in _EOS_AS_WRITTEN_MODEL_TYPES):
         fields["eot_token_id"] = eos
     return fields
 
@@ -181,12 +201,13 @@ def read_clip_text(path: str | Path, **overrides: Any) -> tuple[TextConfig, Tens
     """
     state, info = read_state_dict(path)
     source = str(path)
-    text = clip_text_state_dict(state, source)
     fields: dict[str, Any] = {}
+    # The configs first: they tell a tower of another design before its tensors fail to map.
     if "hf_config" in info:
         fields.update(_hf_text_fields(info["hf_config"], source))
     if "open_clip_config" in info:
         fields.update(_open_clip_text_fields(info["open_clip_config"], source))
+    text = clip_text_state_dict(state, source)
     fields.update({k: v for k, v in overrides.items() if v is not None})
     config = infer_text_config(text, source, **fields)
     # OpenAI's archives are mixed precision (fp16 matmul weights): compute in float32.

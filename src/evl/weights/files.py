@@ -76,8 +76,9 @@ def read_state_dict(path: str | Path) -> tuple[Tensors, dict[str, Any]]:
     """Read any supported file or folder into (flat tensor dict, side information).
 
     Side information holds ``format``, for folders the parsed JSON config (``hf_config`` or
-    ``open_clip_config``), and for safetensors files their string ``metadata``. Wrappers (``state_dict``,
-    ``model``) and a DDP ``module.`` prefix are removed.
+    ``open_clip_config``, and a Hugging Face folder's ``preprocessor_config.json`` as ``hf_preprocessor``),
+    and for safetensors files their string ``metadata``. Wrappers (``state_dict``, ``model``) and a DDP
+    ``module.`` prefix are removed.
     """
     path = Path(path)
     if not path.exists():
@@ -86,6 +87,8 @@ def read_state_dict(path: str | Path) -> tuple[Tensors, dict[str, Any]]:
     if path.is_dir():
         if (path / "config.json").is_file() and (weights := _first_existing(path, _HF_WEIGHT_FILES)):
             info.update(format="huggingface", hf_config=json.loads((path / "config.json").read_text()))
+            if (pre := path / "preprocessor_config.json").is_file():
+                info["hf_preprocessor"] = json.loads(pre.read_text())
         elif weights := _first_existing(path, _OPEN_CLIP_WEIGHT_FILES):
             info["format"] = "open_clip"
             if (cfg := path / "open_clip_config.json").is_file():

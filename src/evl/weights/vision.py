@@ -13,13 +13,16 @@ How a file tells its family, first match wins:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from evl.config import VisionConfig
 from evl.weights.clip_vision import clip_vision_from_state
+from evl.weights.dinov2 import dinov2_vision_from_state
 from evl.weights.files import Tensors, WeightFormatError, read_state_dict
+from evl.weights.siglip import siglip_vision_from_state
 
 # The safetensors metadata key under which a saved backbone carries its VisionConfig (as JSON).
 VISION_CONFIG_METADATA = "evl.vision_config"
@@ -30,12 +33,26 @@ HF_MODEL_TYPES: dict[str, str] = {
     "clip_vision_model": "clip",
     "metaclip_2": "clip",
     "metaclip_2_vision_model": "clip",
+    "siglip": "siglip",
+    "siglip_vision_model": "siglip",
+    "siglip2": "siglip",  # NaFlex classes, fixed to one resolution at load
+    "siglip2_vision_model": "siglip",
+    "dinov2": "dinov2",
+    "dinov2_with_registers": "dinov2",
 }
+
+# A bare state dict's family, told by a tensor name only that family holds: (regex, family), first match wins.
+STATE_DICT_MARKERS: list[tuple[str, str]] = [
+    # Hugging Face DINOv2's LayerScale (a ViT's other names are shared with ViTModel and friends).
+    (r"(?:dinov2(?:_with_registers)?\.)?encoder\.layer\.0\.layer_scale1\.lambda1", "dinov2"),
+]
 
 # A family reader: (tensors, side information, source name, overrides) -> (config, tensors under our names).
 VisionReader = Callable[..., tuple[VisionConfig, Tensors]]
 VISION_READERS: dict[str, VisionReader] = {
     "clip": clip_vision_from_state,
+    "siglip": siglip_vision_from_state,
+    "dinov2": dinov2_vision_from_state,
 }
 
 
@@ -53,6 +70,9 @@ def vision_family(state: Tensors, info: dict[str, Any], source: str) -> str:
                 f"{source}: Hugging Face model_type {model_type!r} is not a supported image encoder ({known})"
             )
         return HF_MODEL_TYPES[model_type]
+    for marker, family in STATE_DICT_MARKERS:
+        if any(re.fullmatch(marker, key) for key in state):
+            return family
     return "clip"
 
 
