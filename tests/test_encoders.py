@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from evl.config import VisionConfig, to_dict, vision_preset
 from evl.engine.run import _differences
 from evl.models.encoders import create_encoder
-from evl.models.registry import create_backbone
+from evl.models.registry import OfflineWeightsError, create_backbone
 from evl.weights import VISION_CONFIG_METADATA, WeightFormatError, read_vision
 
 
@@ -74,3 +74,40 @@ def test_runs_saved_before_families_existed_still_match_their_model():
     other = json.loads(json.dumps(built))
     other["backbone"]["family"] = "dinov2"
     assert _differences(saved, other) == ["backbone.family: saved 'clip', now 'dinov2'"]
+
+
+def _tiny_dinov2_folder(folder):
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37,
+                          image_size=40, patch_size=8)  # fmt: skip
+    Dinov2Model(config).save_pretrained(folder)
+
+
+def test_preset_names_find_hugging_face_folders_offline(tmp_path, monkeypatch):
+    weights, hub = tmp_path / "weights", tmp_path / "hub"
+    monkeypatch.setenv("EVL_WEIGHTS_DIR", str(weights))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(OfflineWeightsError, match="fetch the Hugging Face folder facebook/dinov2-base"):
+        create_backbone("DINOv2-B/14")
+    # As the hub caches a download: models--ORG--NAME/snapshots/REVISION/.
+    _tiny_dinov2_folder(hub / "models--facebook--dinov2-base" / "snapshots" / "abc123")
+    module, name = create_backbone("DINOv2-B/14")
+    assert module.config.family == "dinov2" and name.endswith("abc123")
+    # A folder named after the repository in EVL_WEIGHTS_DIR comes first.
+    _tiny_dinov2_folder(weights / "dinov2-base")
+    assert create_backbone("DINOv2-B/14")[1] == str(weights / "dinov2-base")
+
+
+def test_flops_of_other_encoders_under_the_decoder(capsys):
+    from evl.cli import main
+
+    reports = {}
+    for backbone in ("ViT-B/16", "SigLIP-B/16", "DINOv2-B/14"):
+        assert main(["flops", "--backbone", backbone, "--views", "1"]) == 0
+        reports[backbone] = json.loads(capsys.readouterr().out)
+    assert reports["SigLIP-B/16"]["backbone"] == "SigLIP-B/16"
+    # 196 patch tokens without a class token, against CLIP's 197; DINOv2 at 224 px has 16 x 16 patches + 1.
+    clip, siglip, dino = (reports[b]["backbone_gflops"] for b in ("ViT-B/16", "SigLIP-B/16", "DINOv2-B/14"))
+    assert siglip < clip < dino

@@ -449,17 +449,29 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _add_flops_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("flops", help="GFLOPs of a model configuration (papers' convention)")
     p.add_argument("--model", default="evl-b16", help="model preset, e.g. evl-b16, evl-l14, evl-b16-ssv2")
+    p.add_argument(
+        "--backbone",
+        help="another image encoder preset under the model's decoder, e.g. SigLIP-B/16, DINOv2-B/14-reg",
+    )
     p.add_argument("--num-frames", type=int, default=8)
     p.add_argument("--views", type=int, default=3)
     p.set_defaults(func=_cmd_flops)
 
 
 def _cmd_flops(args: argparse.Namespace) -> int:
-    from evl.config import model_preset
+    import dataclasses
+
+    from evl.config import model_preset, vision_preset
     from evl.flops import count_flops
 
-    report = count_flops(model_preset(args.model, num_frames=args.num_frames), num_views=args.views)
-    print(json.dumps({"model": args.model, "num_frames": args.num_frames, **report.to_dict()}, indent=2))
+    config = model_preset(args.model, num_frames=args.num_frames)
+    if args.backbone:
+        config = dataclasses.replace(
+            config, backbone=vision_preset(args.backbone), backbone_name=args.backbone
+        )
+    report = count_flops(config, num_views=args.views)
+    shown = {"model": args.model, "backbone": config.backbone_name, "num_frames": args.num_frames}
+    print(json.dumps({**shown, **report.to_dict()}, indent=2))
     return EXIT_OK
 
 

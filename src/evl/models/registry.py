@@ -49,6 +49,24 @@ OPENAI_FILE_NAMES = {
 }
 
 
+# Hugging Face repositories of the other encoder presets: found offline as a folder named after the
+# repository (``siglip-base-patch16-224/``) in a search directory, or in the Hugging Face hub cache.
+HF_REPOS = {
+    "SigLIP-B/16": "google/siglip-base-patch16-224",
+    "SigLIP-L/16@256": "google/siglip-large-patch16-256",
+    "SigLIP-So400m/14@384": "google/siglip-so400m-patch14-384",
+    "SigLIP2-B/16": "google/siglip2-base-patch16-224",
+    "SigLIP2-L/16@256": "google/siglip2-large-patch16-256",
+    "SigLIP2-So400m/14@384": "google/siglip2-so400m-patch14-384",
+    "DINOv2-S/14": "facebook/dinov2-small",
+    "DINOv2-B/14": "facebook/dinov2-base",
+    "DINOv2-L/14": "facebook/dinov2-large",
+    "DINOv2-S/14-reg": "facebook/dinov2-with-registers-small",
+    "DINOv2-B/14-reg": "facebook/dinov2-with-registers-base",
+    "DINOv2-L/14-reg": "facebook/dinov2-with-registers-large",
+}
+
+
 class OfflineWeightsError(FileNotFoundError):
     """Pretrained weights were asked for by name and no local copy exists (nothing is downloaded)."""
 
@@ -59,7 +77,25 @@ def weight_search_dirs() -> list[Path]:
     return [*dirs, Path.home() / ".cache" / "clip"]
 
 
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub's download cache ($HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
+    return Path(home) / "hub"
+
+
+def _hub_snapshot(repo: str) -> Path | None:
+    """The newest downloaded snapshot of ``repo`` in the hub cache (models--ORG--NAME/snapshots/REV)."""
+    snapshots = hf_hub_cache() / f"models--{repo.replace('/', '--')}" / "snapshots"
+    found = [d for d in snapshots.glob("*") if (d / "config.json").is_file()] if snapshots.is_dir() else []
+    return max(found, key=lambda d: d.stat().st_mtime) if found else None
+
+
 def find_local_weights(name: str) -> Path:
+    """The local copy of a preset's published weights; nothing is downloaded."""
+    if name in HF_REPOS:
+        return _find_hf_folder(name, HF_REPOS[name])
     file_name = OPENAI_FILE_NAMES.get(name)
     if file_name is None:
         raise OfflineWeightsError(
@@ -74,6 +110,21 @@ def find_local_weights(name: str) -> Path:
         f"pretrained {name} weights not found locally ({file_name} in {searched}); evl does not download: "
         f"fetch OpenAI's {file_name} (or any open_clip / Hugging Face CLIP checkpoint) and pass its path, "
         f"or set EVL_WEIGHTS_DIR, or use 'random:{name}'"
+    )
+
+
+def _find_hf_folder(name: str, repo: str) -> Path:
+    folder_name = repo.split("/")[-1]
+    for folder in weight_search_dirs():
+        if (folder / folder_name / "config.json").is_file():
+            return folder / folder_name
+    if (snapshot := _hub_snapshot(repo)) is not None:
+        return snapshot
+    searched = ", ".join(str(d) for d in [*weight_search_dirs(), hf_hub_cache()])
+    raise OfflineWeightsError(
+        f"pretrained {name} weights not found locally ({folder_name}/ in {searched}); evl does not download: "
+        f"fetch the Hugging Face folder {repo} (config.json and model.safetensors) and pass its path, "
+        f"or put it in EVL_WEIGHTS_DIR as {folder_name}/, or use 'random:{name}'"
     )
 
 
