@@ -349,6 +349,128 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_INPUT_ERROR if failures == len(paths) else EXIT_OK
 
 
+def _add_lists_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lists",
+        help="train/val lists from a folder of videos: one subfolder per class, or train/ and val/ of them",
+    )
+    p.add_argument(
+        "folder",
+        metavar="FOLDER",
+        help="one subfolder of videos per class, or train/ and val/ each holding class subfolders; "
+        "the lists' paths are relative to it (train with --data-root FOLDER)",
+    )
+    p.add_argument(
+        "--out-dir", required=True, help="where train.txt, val.txt, classes.txt, skipped.txt, summary.csv go"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of each class drawn for validation (not used when FOLDER has train/ and val/)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation draw")
+    p.add_argument("--workers", type=int, help="processes checking the videos (default: one per CPU core)")
+    p.add_argument("--overwrite", action="store_true", help="replace the lists already in --out-dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_lists)
+
+
+def _cmd_lists(args: argparse.Namespace) -> int:
+    from evl.video.folder_lists import format_summary, lists_from_folder
+    from evl.video.parallel import default_workers
+
+    result = lists_from_folder(
+        args.folder,
+        args.out_dir,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        workers=args.workers or default_workers(),
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+    )
+    print(format_summary(result))
+    if result.layout == "train/val":
+        print(f"split: the train/ and val/ folders of {result.data_root}")
+    else:
+        print(f"split: {args.val_fraction:g} of each class to validation, seed {args.seed}")
+    val = f" --val-list {result.val_list}" if result.val_list else ""
+    print(
+        f"train with: --data-root {result.data_root} --train-list {result.train_list}{val} "
+        f"--classes {result.classes_file}  (per-video details: {result.summary_file})"
+    )
+    if result.skipped:
+        print(
+            f"{len(result.skipped)} videos left out, with the reasons in {result.skipped_file}",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="re-encode videos once (smaller, a keyframe every few frames) so that training loads them fast",
+    )
+    p.add_argument(
+        "src_root", metavar="SRC_ROOT", help="folder the list's paths are relative to (never written)"
+    )
+    p.add_argument(
+        "list",
+        metavar="LIST",
+        nargs="?",
+        help="the videos: 'relpath label' lines or a CSV list (not needed with a labelled --trim CSV)",
+    )
+    p.add_argument(
+        "--out-root", required=True, help="folder for the new videos and their list (outside SRC_ROOT)"
+    )
+    p.add_argument("--short-side", type=int, default=256, help="short side in pixels (never enlarged)")
+    p.add_argument("--keyframe-interval", type=int, default=16, help="a keyframe every N frames")
+    p.add_argument("--crf", type=int, default=23, help="x264 quality: lower is larger and closer")
+    p.add_argument(
+        "--trim",
+        metavar="CSV",
+        help="clips to cut, in seconds: video,start,end[,label] rows, or Kinetics annotations "
+        "(label,youtube_id,time_start,time_end,...)",
+    )
+    p.add_argument(
+        "--classes", help="with --trim: class-names file numbering the CSV's label names (default: sorted)"
+    )
+    p.add_argument("--workers", type=int, help="processes encoding (default: one per CPU core)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from evl.video.parallel import default_workers
+    from evl.video.prepare import prepare_videos
+
+    result = prepare_videos(
+        args.src_root,
+        args.list,
+        args.out_root,
+        trim=args.trim,
+        classes=args.classes,
+        short_side=args.short_side,
+        keyframe_interval=args.keyframe_interval,
+        crf=args.crf,
+        workers=args.workers or default_workers(),
+        progress=not args.quiet,
+    )
+    print(
+        f"prepared {len(result.done)} videos, kept {len(result.existing)} from an earlier run, "
+        f"{len(result.failed)} failed ({result.encoder})"
+    )
+    classes = f" --classes {result.classes_file}" if result.classes_file else ""
+    print(f"train with: --data-root {result.out_root} --train-list {result.list_path}{classes}")
+    for failure in result.failed[:10]:
+        print(f"failed: {failure}", file=sys.stderr)
+    if result.failed:
+        more = f"{len(result.failed) - 10} more; " if len(result.failed) > 10 else ""
+        print(f"({more}all failures in {result.failures_path})", file=sys.stderr)
+    return EXIT_OK
+
+
 def _add_splits_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("splits", help="few-shot and base-to-novel splits (seeded, deterministic)")
     kinds = p.add_subparsers(dest="kind", required=True)
@@ -551,6 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_extract_parser,
         _add_eval_parser,
         _add_predict_parser,
+        _add_lists_parser,
+        _add_prepare_parser,
         _add_splits_parser,
         _add_synth_parser,
         _add_flops_parser,
