@@ -17,8 +17,8 @@ test-all: install
 # lint-imports (the layer contracts in pyproject.toml) runs through $(PYTHON), whose scripts need not be on
 # PATH; --no-cache leaves no cache folder in the tree.
 lint: install
-	$(PYTHON) -m ruff check src tests benchmarks
-	$(PYTHON) -m ruff format --check src tests benchmarks
+	$(PYTHON) -m ruff check src tests benchmarks examples
+	$(PYTHON) -m ruff format --check src tests benchmarks examples
 	$(PYTHON) -c "from importlinter.cli import lint_imports_command; lint_imports_command()" --no-cache
 
 demo: install

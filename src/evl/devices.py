@@ -94,14 +94,26 @@ def configure_device(device: torch.device, tf32: bool = True) -> None:
 # How the EVL decoder's kernels are formulated: "cpu" loops over clips, frames, query groups and memory
 # pieces in cache-sized steps (fast on a few CPU cores, where a loop iteration costs little next to the math);
 # "batched" issues a number of ops that does not grow with the batch (on a GPU every op is a kernel launch
-# of several microseconds, and each one should cover the whole batch).
-FORMULATIONS = ("auto", "cpu", "batched")
+# of several microseconds, and each one should cover the whole batch); "reference" is the straightforward
+# formulation both are tested against: the modules' own forwards in plain ops, with no custom autograd
+# Function, nothing written in place and no Python loop over the batch, which is what a traced graph holds.
+FORMULATIONS = ("auto", "cpu", "batched", "reference")
+
+
+def tracing() -> bool:
+    """Whether a tracer is recording the ops (``torch.jit.trace``, ``torch.export``): its graph is replayed
+    for other inputs, so it must not depend on buffer reuse or on sizes read in Python."""
+    exporting = getattr(torch.compiler, "is_exporting", None)  # not in every torch the package supports
+    return torch.jit.is_tracing() or (exporting is not None and exporting())
 
 
 def resolve_formulation(name: str, device: torch.device) -> str:
-    """ "auto" -> "cpu" on CPUs, "batched" on every other device (CUDA, and meta for op counting)."""
+    """ "auto" -> "cpu" on CPUs, "batched" on every other device (CUDA, and meta for op counting), and
+    "reference" while a tracer records (:func:`tracing`)."""
     if name not in FORMULATIONS:
         raise ValueError(f"formulation must be one of {', '.join(FORMULATIONS)}; got {name!r}")
     if name != "auto":
         return name
+    if tracing():
+        return "reference"
     return "cpu" if device.type == "cpu" else "batched"

@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
@@ -82,6 +83,9 @@ class MethodSpec:
     check_payload: Callable[[dict[str, Any]], object] | None = None
     # Sets ``train.recompute_memory`` on a built model; None: the method has no such choice.
     set_recompute_memory: Callable[[nn.Module, bool], None] | None = None
+    # (model, views [B, V, T, 3, S, S]) -> video embeddings [B, D], float32: what the method classifies or
+    # matches against class texts, the V views of a video pooled as the method pools (``evl embed``).
+    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -289,6 +293,31 @@ def _set_evl_recompute_memory(model: nn.Module, recompute: bool) -> None:
     model.decoder.checkpoint_memory = recompute
 
 
+# --------------------------------------------------------------------------------------------- embeddings
+
+
+def _pool_views(per_clip: torch.Tensor, views: int, unit: bool) -> torch.Tensor:
+    """[B * V, D] -> [B, D]: the mean over each video's views, L2-normalised again for unit embeddings."""
+    pooled = per_clip.float().unflatten(0, (-1, views)).mean(dim=1)
+    return F.normalize(pooled, dim=-1) if unit else pooled
+
+
+def _evl_embedding(model: nn.Module, views: torch.Tensor) -> torch.Tensor:
+    """The decoder's final query, before the head (:meth:`EVL.embed`)."""
+    return _pool_views(model.embed(views.flatten(0, 1)), views.shape[1], unit=False)
+
+
+def _video_clip_embedding(model: nn.Module, views: torch.Tensor) -> torch.Tensor:
+    """The L2-normalised mean of the frame embeddings, which the class texts are compared with."""
+    return _pool_views(model.encode_video(views.flatten(0, 1)), views.shape[1], unit=True)
+
+
+def _xclip_embedding(model: nn.Module, views: torch.Tensor) -> torch.Tensor:
+    """The integration transformer's output, L2-normalised as it is compared with the prompted texts."""
+    video, _ = model.encode_video(views.flatten(0, 1))
+    return _pool_views(F.normalize(video.float(), dim=-1), views.shape[1], unit=True)
+
+
 # ------------------------------------------------------------------------------------------------ registry
 
 METHODS: Mapping[str, MethodSpec] = MappingProxyType(
@@ -305,6 +334,7 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                 trains_from_features=True,
                 check_payload=model_config_from_dict,
                 set_recompute_memory=_set_evl_recompute_memory,
+                embed=_evl_embedding,
             ),
             MethodSpec(
                 name="vifi",
@@ -317,6 +347,7 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                 # NOTE(ref): ViFi-CLIP and X-CLIP normalise with ImageNet statistics although CLIP was
                 # trained with its own; EVL and vanilla CLIP use CLIP's (the encoder's).
                 normalization="imagenet",
+                embed=_video_clip_embedding,
             ),
             MethodSpec(
                 name="xclip",
@@ -328,6 +359,7 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                 # NOTE(ref): X-CLIP and vanilla zero-shot CLIP prompt with the bare class name.
                 templates=(ZEROSHOT_TEMPLATE,),
                 normalization="imagenet",
+                embed=_xclip_embedding,
             ),
             MethodSpec(
                 name="zeroshot",
@@ -338,6 +370,7 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                 reads_text=True,
                 templates=(ZEROSHOT_TEMPLATE,),
                 trains=False,
+                embed=_video_clip_embedding,
             ),
         )
     }

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evl.config import VisionConfig
+from evl.devices import tracing
 from evl.models.layers import LayerNorm, QuickGELU, activation_layer
 
 # Tokens per MLP matmul on CPUs when no gradient is needed (memory, not speed: the hidden tensors' size).
@@ -112,8 +113,9 @@ def _residual_add(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
 
 
 def _needs_plain_ops() -> bool:
-    """Autograd is recording, or a tracer is (a traced graph must not depend on buffer reuse)."""
-    return torch.is_grad_enabled() or torch.jit.is_tracing()
+    """Autograd is recording, or a tracer is (a traced graph must not depend on buffer reuse, nor hold a
+    loop sized by the batch)."""
+    return torch.is_grad_enabled() or tracing()
 
 
 class Transformer(nn.Module):

@@ -114,14 +114,26 @@ class TemporalCrossAttention(nn.Module):
         self.w_prev = nn.Parameter(torch.zeros(num_offsets, width))
         self.w_next = nn.Parameter(torch.zeros(num_offsets, width))
         self.register_buffer("index", relative_position_index(grid_h, grid_w), persistent=False)
-        self.materialize = False  # True: the paper's gather formulation (used for FLOP counting)
+        self.materialize = False  # True: add_to takes the paper's formulation too (used for FLOP counting)
 
     def forward(self, attn: torch.Tensor | None, num_frames: int) -> torch.Tensor:
-        """attn [B, 2, T-1, P, P] or None (one frame) -> [B, T, L, C] (zero at CLS)."""
-        b = 1 if attn is None else attn.shape[0]
-        tokens = self.prefix_tokens + self.grid[0] * self.grid[1]
-        out = self.w_prev.new_zeros(b, num_frames, tokens, self.w_prev.shape[1])
-        return self.add_to(out, attn)
+        """attn [B, 2, T-1, P, P] or None (one frame) -> [B, T, L, C] (zero at the prefix tokens).
+
+        The paper's formulation: each direction's [P, P, C] table gathered from the offset weights, one
+        product per direction, in plain ops with nothing written in place. The kernels of :meth:`add_to`
+        are tested against it, and a traced graph holds it."""
+        self._check_grid(attn)
+        if attn is None:
+            tokens = self.prefix_tokens + self.grid[0] * self.grid[1]
+            return self.w_prev.new_zeros(1, num_frames, tokens, self.w_prev.shape[1])
+        attn = attn.to(self.w_prev.dtype)
+        from_previous = aggregate_relative_gather(attn[:, 0], self.w_prev, self.index)  # frames 1..T-1
+        from_next = aggregate_relative_gather(attn[:, 1], self.w_next, self.index)  # frames 0..T-2
+        # Zero rows where nothing is received (the prefix tokens, the first frame from a previous one, the
+        # last from a next one). NOTE(ref): frame t gets (0 + previous-frame term) + next-frame term; adding
+        # zeros changes no bit, so the order is kept.
+        n = self.prefix_tokens
+        return F.pad(from_previous, (0, 0, n, 0, 1, 0)) + F.pad(from_next, (0, 0, n, 0, 0, 1))
 
     def add_to(self, y: torch.Tensor, attn: torch.Tensor | None, batched: bool = False) -> torch.Tensor:
         """y [B, T, L, C] + :meth:`forward`, computed in place in y (which is returned); y must be a tensor
@@ -132,23 +144,13 @@ class TemporalCrossAttention(nn.Module):
         self._check_grid(attn)
         if attn is None:
             return y
-        attn = attn.to(self.w_prev.dtype)
         if self.materialize:
-            return y + self._gathered(attn, y.shape[1])
+            return y + self(attn, y.shape[1])
+        attn = attn.to(self.w_prev.dtype)
         if batched:
             return add_cross_frame_terms_gathered(y, attn, self.w_prev, self.w_next, self.index)
         aggregation = RelativeAggregation.for_maps(*self.grid, attn[:, 0, :, 0, 0].numel())
         return add_cross_frame_terms(y, attn, self.w_prev, self.w_next, aggregation)
-
-    def _gathered(self, attn: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """The paper's formulation, with the [P, P, C] table gathered: [B, T, L, C]."""
-        b, _, _, p, _ = attn.shape
-        n = self.prefix_tokens
-        out = self.w_prev.new_zeros(b, num_frames, n + p, self.w_prev.shape[1])
-        # NOTE(ref): frame t gets (0 + previous-frame term) + next-frame term, in that order.
-        out[:, 1:, n:] += aggregate_relative_gather(attn[:, 0], self.w_prev, self.index)
-        out[:, :-1, n:] += aggregate_relative_gather(attn[:, 1], self.w_next, self.index)
-        return out
 
     def _check_grid(self, attn: torch.Tensor | None) -> None:
         num_patches = self.grid[0] * self.grid[1]
@@ -262,18 +264,21 @@ class DecoderLayer(nn.Module):
         self.attn = DecoderAttention(width, heads)
         self.mlp = Mlp(width, round(width * mlp_ratio), dropout)
 
-    def attend(self, query: torch.Tensor, memory: torch.Tensor, lean: bool = False) -> torch.Tensor:
+    def attend(
+        self, query: torch.Tensor, memory: torch.Tensor, lean: bool = False, folded: bool | None = None
+    ) -> torch.Tensor:
         """``lean``: normalise the memory inside the attention, which then keeps only the memory for
-        backward, not its normalised copy too (less memory, slightly more time; same numbers)."""
+        backward, not its normalised copy too (less memory, slightly more time; same numbers). ``folded``:
+        as :meth:`DecoderAttention.forward`."""
         if lean:
-            return query + self.attn(self.norm1(query), memory, memory_norm=self.norm3)
-        return query + self.attn(self.norm1(query), self.norm3(memory))
+            return query + self.attn(self.norm1(query), memory, folded=folded, memory_norm=self.norm3)
+        return query + self.attn(self.norm1(query), self.norm3(memory), folded=folded)
 
     def feed_forward(self, query: torch.Tensor) -> torch.Tensor:
         return query + self.mlp(self.norm2(query))
 
-    def forward(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        return self.feed_forward(self.attend(query, memory))
+    def forward(self, query: torch.Tensor, memory: torch.Tensor, folded: bool | None = None) -> torch.Tensor:
+        return self.feed_forward(self.attend(query, memory, folded=folded))
 
 
 class EVLDecoder(nn.Module):
@@ -313,7 +318,8 @@ class EVLDecoder(nn.Module):
         #   CPU formulation, normalise it inside the attention, piece by piece). Worth it where memory is
         #   short; None: on for CPUs (host memory, training from videos), off on GPUs.
         # - formulation: "cpu" (loops sized to CPU caches), "batched" (an op count that does not grow with
-        #   the batch, for GPUs) or "auto" (by the features' device; see evl.devices.resolve_formulation).
+        #   the batch, for GPUs), "reference" (plain ops: forward_reference, what export traces) or "auto"
+        #   (by the features' device, and "reference" while traced; see evl.devices.resolve_formulation).
         self.checkpoint_memory: bool | None = None
         self.formulation = "auto"
 
@@ -351,7 +357,8 @@ class EVLDecoder(nn.Module):
         return self.layers[i].attend(query, memory, lean=lean and not batched)
 
     def execution(self, device: torch.device) -> tuple[bool, bool]:
-        """(batched formulation, memory recomputed in backward) for features on ``device``."""
+        """(batched formulation, memory recomputed in backward) for features on ``device``, where the
+        formulation is not "reference"."""
         batched = resolve_formulation(self.formulation, device) == "batched"
         recompute = self.checkpoint_memory
         if recompute is None:
@@ -361,8 +368,11 @@ class EVLDecoder(nn.Module):
     def forward(self, features: list[FrameFeatures]) -> torch.Tensor:
         if len(features) != len(self.layers):
             raise ValueError(f"decoder has {len(self.layers)} layers but got {len(features)} feature maps")
+        device = features[0].out.device
+        if resolve_formulation(self.formulation, device) == "reference":
+            return self.forward_reference(features)
         b = features[0].out.shape[0]
-        batched, recompute = self.execution(features[0].out.device)
+        batched, recompute = self.execution(device)
         query = self.query.expand(b, 1, -1)
         for i, layer in enumerate(self.layers):
             if recompute and torch.is_grad_enabled():
@@ -372,6 +382,16 @@ class EVLDecoder(nn.Module):
             else:
                 query = self.attend(i, query, features[i], batched)
             query = layer.feed_forward(query)
+        return query[:, 0]
+
+    def forward_reference(self, features: list[FrameFeatures]) -> torch.Tensor:
+        """:meth:`forward` in the straightforward formulation: each memory the plain sum of the temporal
+        modules' own forwards (:meth:`memory_reference`), attended with keys and values projected from every
+        memory token (the unfolded attention). Plain ops only: no custom autograd Function, nothing written
+        in place, no loop over the batch, so a traced graph holds it for any batch size."""
+        query = self.query.expand(features[0].out.shape[0], 1, -1)
+        for i, layer in enumerate(self.layers):
+            query = layer(query, self.memory_reference(i, features[i]).flatten(1, 2), folded=False)
         return query[:, 0]
 
 
@@ -498,12 +518,15 @@ class EVL(TrainableStateModule):
         autograd, the backbone runs ``backbone_chunk`` clips at a time, so its transient activations and
         the per-block q and k stay those of one chunk, whatever the batch size; each block's output and maps
         go straight into batch-sized tensors allocated up front, so nothing long-lived is allocated among
-        the backbone's transients (which would leave the heap fragmented for the next step).
+        the backbone's transients (which would leave the heap fragmented for the next step). In the
+        decoder's "reference" formulation (and so while traced): :meth:`extract_features_reference`.
         """
         if with_attention is None:
             with_attention = self.decoder.cross_attention is not None
         self.check_input(video)
         blocks = self.blocks if blocks is None else tuple(blocks)
+        if resolve_formulation(self.decoder.formulation, video.device) == "reference":
+            return self.extract_features_reference(video, blocks, with_attention)
         if self._backbone_grad_enabled():
             return self._frame_features(video, blocks, with_attention)
         chunk = self.backbone_chunk
@@ -514,6 +537,20 @@ class EVL(TrainableStateModule):
             for start in range(0, video.shape[0], chunk):
                 self._write_frame_features(video[start : start + chunk], blocks, features, start)
         return features
+
+    def extract_features_reference(
+        self, video: torch.Tensor, blocks: Sequence[int] | None = None, with_attention: bool | None = None
+    ) -> list[FrameFeatures]:
+        """:meth:`extract_features` in the straightforward formulation (the decoder's "reference"): one
+        backbone pass over the whole batch keeping the requested blocks' q and k, then the maps of all frame
+        pairs at once. No loop over the batch and nothing written in place, so a traced graph holds it for
+        any batch size (the backbone blocks take their plain ops while traced); it holds every requested
+        block's q and k and all pairs' scores at once, which :meth:`extract_features` avoids."""
+        if with_attention is None:
+            with_attention = self.decoder.cross_attention is not None
+        patches = self.config.backbone.num_patches
+        blocks_features = self.extract_block_features(video, blocks)
+        return [frame_features(f, patches, with_attention, reference=True) for f in blocks_features]
 
     def _empty_features(
         self, video: torch.Tensor, blocks: Sequence[int], with_attention: bool
@@ -586,6 +623,11 @@ class EVL(TrainableStateModule):
     def forward_head(self, features: list[FrameFeatures]) -> torch.Tensor:
         """Decoder inputs (from :meth:`extract_features` or a feature cache) -> logits [B, num_classes]."""
         return self.head(self.decoder(features))
+
+    def embed(self, video: torch.Tensor) -> torch.Tensor:
+        """Videos [B, T, 3, H, W] -> the decoder's final query [B, C], what the classifier head reads
+        (``forward(video)`` is ``head(embed(video))``): the video's embedding, of the encoder's width."""
+        return self.decoder(self.extract_features(video))
 
     def forward(self, x: torch.Tensor | list[FrameFeatures]) -> torch.Tensor:
         """Videos [B, T, 3, H, W], or decoder inputs from a feature cache -> logits [B, num_classes]."""

@@ -43,17 +43,36 @@ def cross_frame_attention(
     return out
 
 
+def cross_frame_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, num_patches: int
+) -> torch.Tensor | None:
+    """:func:`cross_frame_attention` with every frame pair at once, in plain ops: [B, T-1, H, P, P] scores
+    per direction at a time instead of one pair's, and nothing written in place (what a traced graph
+    holds)."""
+    if q.shape[1] < 2:
+        return None
+    to_previous = _head_averaged_attention(q[:, 1:], k[:, :-1], num_patches)
+    to_next = _head_averaged_attention(q[:, :-1], k[:, 1:], num_patches)
+    return torch.stack([to_previous, to_next], dim=1)
+
+
 def _head_averaged_attention(q: torch.Tensor, k: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """q, k [B, L, H, Dh] of two frames -> [B, P, P]: softmax(q k^T / sqrt(Dh)) over patches, head mean."""
-    q = q[:, -num_patches:].transpose(1, 2).float() * q.shape[-1] ** -0.5  # [B, H, P, Dh], CLS dropped
-    k = k[:, -num_patches:].transpose(1, 2).float()
-    return (q @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
+    """q, k [..., L, H, Dh] of two frames (or of frame pairs) -> [..., P, P]: softmax(q k^T / sqrt(Dh))
+    over the patches, averaged over the heads."""
+    q = q[..., -num_patches:, :, :].transpose(-3, -2).float() * q.shape[-1] ** -0.5  # [..., H, P, Dh]
+    k = k[..., -num_patches:, :, :].transpose(-3, -2).float()
+    return (q @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=-3)
 
 
-def frame_features(block: BlockFeatures, num_patches: int, with_attention: bool = True) -> FrameFeatures:
-    """Backbone block features (out [B, T, L, C], q/k [B, T, L, H, Dh]) -> :class:`FrameFeatures`."""
-    attn = cross_frame_attention(block.q, block.k, num_patches) if with_attention else None
-    return FrameFeatures(block.out, attn)
+def frame_features(
+    block: BlockFeatures, num_patches: int, with_attention: bool = True, reference: bool = False
+) -> FrameFeatures:
+    """Backbone block features (out [B, T, L, C], q/k [B, T, L, H, Dh]) -> :class:`FrameFeatures`;
+    ``reference``: the maps by :func:`cross_frame_attention_reference`."""
+    if not with_attention:
+        return FrameFeatures(block.out, None)
+    maps = cross_frame_attention_reference if reference else cross_frame_attention
+    return FrameFeatures(block.out, maps(block.q, block.k, num_patches))
 
 
 def write_block(block: BlockFeatures, target: FrameFeatures, rows: slice, num_frames: int) -> None:

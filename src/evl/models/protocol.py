@@ -68,7 +68,12 @@ class VideoModel(Protocol):
 
 @runtime_checkable
 class TextVideoModel(VideoModel, Protocol):
-    """A video model that matches videos against class prompts encoded by its text tower."""
+    """A video model that matches videos against class prompts encoded by its text tower.
+
+    Optional members the engine looks for: ``text_cache()`` (a context in which the class prompts are
+    encoded once, see ``inference_context``) and ``fixed_classes()`` (the model over its current class list
+    with the class embeddings stored and no text tower: what an export holds).
+    """
 
     @property
     def context_length(self) -> int:

@@ -32,8 +32,11 @@ __all__ = [
     "VIFI_BETAS",
     "VIFI_TEMPLATE",
     "ZEROSHOT_TEMPLATE",
+    "FixedClassVideoCLIP",
     "VideoCLIP",
+    "average_frames",
     "build_prompts",
+    "class_logits",
 ]
 
 TUNE_MODES = ("both", "image", "text", "none")
@@ -61,6 +64,18 @@ def build_prompts(class_names: Sequence[str], templates: Sequence[str] = (VIFI_T
         if "{}" not in template:
             raise ValueError(f"template {template!r} has no '{{}}' placeholder for the class name")
     return [[template.format(name) for template in templates] for name in class_names]
+
+
+def average_frames(frames: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Frame embeddings [B*T, D] (frames of one video adjacent) -> normalised video embeddings [B, D]
+    (float32): averaged over the T frames, then L2-normalised (the reference normalises after the mean,
+    not per frame)."""
+    return F.normalize(frames.float().unflatten(0, (-1, num_frames)).mean(dim=1), dim=-1)
+
+
+def class_logits(video: torch.Tensor, classes: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Normalised video [B, D] and class [K, D] embeddings -> logits [B, K] = exp(logit_scale) * cosine."""
+    return logit_scale.exp() * video @ classes.t()
 
 
 def _clear_text_cache_after_load(module: VideoCLIP, incompatible_keys: Any) -> None:
@@ -232,14 +247,12 @@ class VideoCLIP(TrainableStateModule):
         return contextlib.nullcontext() if trainable and torch.is_grad_enabled() else torch.no_grad()
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        """Videos [B, T, 3, H, W] -> normalised embeddings [B, D] (float32): frame embeddings averaged
-        over T, then L2-normalised (the reference normalises after the mean, not per frame)."""
+        """Videos [B, T, 3, H, W] -> normalised embeddings [B, D] (float32; see :func:`average_frames`)."""
         if video.ndim != 5 or video.shape[2] != 3:
             raise ValueError(f"VideoCLIP expects videos [B, T, 3, H, W], got shape {tuple(video.shape)}")
-        b, t = video.shape[:2]
         with self._grad(self.tune_image), self._autocast(video.device):
             frames = self.visual(video.flatten(0, 1))  # [B*T, D]
-        return F.normalize(frames.float().view(b, t, -1).mean(dim=1), dim=-1)
+        return average_frames(frames, video.shape[1])
 
     def encode_text(self) -> torch.Tensor:
         """The class prompts -> normalised class embeddings [K, D] (float32).
@@ -264,9 +277,11 @@ class VideoCLIP(TrainableStateModule):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """Videos [B, T, 3, H, W] -> logits [B, K] = exp(logit_scale) * cosine."""
-        video_emb = self.encode_video(video)
-        class_emb = self.encode_text()
-        return self.logit_scale.exp() * video_emb @ class_emb.t()
+        return class_logits(self.encode_video(video), self.encode_text(), self.logit_scale)
+
+    def fixed_classes(self) -> FixedClassVideoCLIP:
+        """This model over its current class list, without its text tower (:class:`FixedClassVideoCLIP`)."""
+        return FixedClassVideoCLIP(self)
 
     # ----------------------------------------------------------------------------------------------- state
     def _checkpoint_keys(self) -> Callable[[str], bool]:
@@ -297,3 +312,26 @@ class VideoCLIP(TrainableStateModule):
             group["params"].append(param)
             group["param_names"].append(name)
         return [{**g, "lr": lr, "lr_scale": 1.0} for g in (decay, no_decay) if g["params"]]
+
+
+class FixedClassVideoCLIP(nn.Module):
+    """A :class:`VideoCLIP` over one class list, as an exported model holds it: the class embeddings [K, D]
+    encoded once and kept as a buffer, and no text tower. Videos [B, T, 3, H, W] (normalised) -> logits
+    [B, K], the model's own in float32.
+
+    It shares the image encoder and the logit scale with ``model``; the class embeddings are a copy, which
+    a later change of the model's classes or text weights does not reach.
+    """
+
+    def __init__(self, model: VideoCLIP) -> None:
+        super().__init__()
+        self.visual = model.visual
+        self.logit_scale = model.logit_scale
+        self.training = model.training  # the model's mode, without changing its modules'
+        with torch.no_grad(), model.text_cache():
+            classes = model.encode_text()
+        self.register_buffer("class_embeddings", classes.detach().clone())
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        frames = self.visual(video.flatten(0, 1))  # [B*T, D]
+        return class_logits(average_frames(frames, video.shape[1]), self.class_embeddings, self.logit_scale)

@@ -92,7 +92,55 @@ def _clear_text_cache_after_load(module: XCLIP, incompatible_keys: Any) -> None:
     module.clear_text_cache()
 
 
-class XCLIP(TrainableStateModule):
+class _VideoMatching:
+    """X-CLIP's video side and its matching against class text embeddings: what :class:`XCLIP` and
+    :class:`FixedClassXCLIP` (which holds class text embeddings instead of a text tower) share."""
+
+    config: XCLIPConfig
+    visual: CrossFrameCommunicationTransformer
+    mit: MultiframeIntegrationTransformer
+    prompts_generator: VideoSpecificPrompt
+    prompts_visual_ln: LayerNorm
+    prompts_visual_proj: nn.Parameter
+    logit_scale: nn.Parameter
+
+    # ----------------------------------------------------------------------------------------------- input
+    def check_input(self, video: torch.Tensor) -> None:
+        if video.ndim != 5 or video.shape[2] != 3:
+            raise ValueError(f"X-CLIP expects videos [B, T, 3, H, W], got shape {tuple(video.shape)}")
+        if video.shape[1] != self.config.num_frames:
+            raise ValueError(
+                f"this model was built for {self.config.num_frames} frames per clip, got {video.shape[1]} "
+                "(the integration transformer has one position embedding per frame)"
+            )
+
+    # ----------------------------------------------------------------------------------------------- video
+    def encode_video(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Videos [B, T, 3, H, W] -> (video embeddings [B, D], prompt visual tokens [B, T, N, D]).
+
+        The embeddings are not normalised; the tokens are
+        ``prompts_visual_ln(patches) @ prompts_visual_proj``.
+        """
+        self.check_input(video)
+        frames, patches = self.visual(video)  # [B, T, D], [B, T, N, C]
+        tokens = self.prompts_visual_ln(patches) @ self.prompts_visual_proj.to(patches.dtype)
+        return self.mit(frames), tokens
+
+    # ------------------------------------------------------------------------------------------- matching
+    def prompt_text(self, text: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
+        """Text embeddings [K, D] and visual tokens [B, T, N, D] -> per-video text embeddings [B, K, D]."""
+        text = text.to(visual_tokens.dtype).unsqueeze(0).expand(visual_tokens.shape[0], -1, -1)
+        return text + self.prompts_generator(text, visual_tokens.mean(dim=1))
+
+    def match(self, video_embeds: torch.Tensor, text_embeds: torch.Tensor) -> XCLIPOutput:
+        """Video [B, D] and per-video text [B, K, D] embeddings -> :class:`XCLIPOutput`."""
+        video_embeds = F.normalize(video_embeds, dim=-1)
+        text_embeds = F.normalize(text_embeds, dim=-1)
+        logits = self.logit_scale.exp() * torch.einsum("bd,bkd->bk", video_embeds, text_embeds)
+        return XCLIPOutput(logits, video_embeds, text_embeds)
+
+
+class XCLIP(_VideoMatching, TrainableStateModule):
     """Videos [B, T, 3, H, W] (normalised) and class-name token ids [K, L] -> logits [B, K]."""
 
     def __init__(self, config: XCLIPConfig) -> None:
@@ -159,28 +207,6 @@ class XCLIP(TrainableStateModule):
             raise ValueError(f"class tokens must be integer ids [K, L], got shape {tuple(token_ids.shape)}")
         self.class_tokens = token_ids.to(device=self.logit_scale.device, dtype=torch.long)
 
-    # ----------------------------------------------------------------------------------------------- input
-    def check_input(self, video: torch.Tensor) -> None:
-        if video.ndim != 5 or video.shape[2] != 3:
-            raise ValueError(f"X-CLIP expects videos [B, T, 3, H, W], got shape {tuple(video.shape)}")
-        if video.shape[1] != self.config.num_frames:
-            raise ValueError(
-                f"this model was built for {self.config.num_frames} frames per clip, got {video.shape[1]} "
-                "(the integration transformer has one position embedding per frame)"
-            )
-
-    # ----------------------------------------------------------------------------------------------- video
-    def encode_video(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Videos [B, T, 3, H, W] -> (video embeddings [B, D], prompt visual tokens [B, T, N, D]).
-
-        The embeddings are not normalised; the tokens are
-        ``prompts_visual_ln(patches) @ prompts_visual_proj``.
-        """
-        self.check_input(video)
-        frames, patches = self.visual(video)  # [B, T, D], [B, T, N, C]
-        tokens = self.prompts_visual_ln(patches) @ self.prompts_visual_proj.to(patches.dtype)
-        return self.mit(frames), tokens
-
     # ------------------------------------------------------------------------------------------------ text
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [K, L] -> text embeddings [K, D] (not normalised, never cached)."""
@@ -219,19 +245,7 @@ class XCLIP(TrainableStateModule):
     def clear_text_cache(self) -> None:
         self._text_cache = None
 
-    # ------------------------------------------------------------------------------------------- matching
-    def prompt_text(self, text: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
-        """Text embeddings [K, D] and visual tokens [B, T, N, D] -> per-video text embeddings [B, K, D]."""
-        text = text.to(visual_tokens.dtype).unsqueeze(0).expand(visual_tokens.shape[0], -1, -1)
-        return text + self.prompts_generator(text, visual_tokens.mean(dim=1))
-
-    def match(self, video_embeds: torch.Tensor, text_embeds: torch.Tensor) -> XCLIPOutput:
-        """Video [B, D] and per-video text [B, K, D] embeddings -> :class:`XCLIPOutput`."""
-        video_embeds = F.normalize(video_embeds, dim=-1)
-        text_embeds = F.normalize(text_embeds, dim=-1)
-        logits = self.logit_scale.exp() * torch.einsum("bd,bkd->bk", video_embeds, text_embeds)
-        return XCLIPOutput(logits, video_embeds, text_embeds)
-
+    # ------------------------------------------------------------------------------------------- forwards
     def forward_outputs(self, video: torch.Tensor, class_token_ids: torch.Tensor) -> XCLIPOutput:
         """Videos [B, T, 3, H, W], class token ids [K, L] -> logits, video and text embeddings (as HF)."""
         video_embeds, visual_tokens = self.encode_video(video)
@@ -247,6 +261,10 @@ class XCLIP(TrainableStateModule):
             class_token_ids = self.class_tokens
         return self.forward_outputs(video, class_token_ids).logits_per_video
 
+    def fixed_classes(self) -> FixedClassXCLIP:
+        """This model over its current class list without its text tower (see :class:`FixedClassXCLIP`)."""
+        return FixedClassXCLIP(self)
+
     # ----------------------------------------------------------------------------------------- parameters
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Everything but the frozen text tower and logit scale (with ``freeze_text``)."""
@@ -258,6 +276,36 @@ class XCLIP(TrainableStateModule):
 
     def _mismatch_notes(self) -> tuple[str, str]:
         return " (X-CLIP)", ""
+
+
+class FixedClassXCLIP(_VideoMatching, nn.Module):
+    """An :class:`XCLIP` over one class list, as an exported model holds it: the class text embeddings
+    [K, D] encoded once and kept as a buffer, and no text tower. Videos [B, T, 3, H, W] (normalised) ->
+    logits [B, K], the model's own (the video-specific prompts still adapt the text to each video).
+
+    It shares every module but the text tower with ``model``; the class embeddings are a copy, which a
+    later change of the model's classes or text weights does not reach.
+    """
+
+    def __init__(self, model: XCLIP) -> None:
+        super().__init__()
+        if model.class_tokens is None:
+            raise RuntimeError("no class prompts: call set_class_tokens(token_ids) first")
+        self.config = model.config
+        self.visual = model.visual
+        self.mit = model.mit
+        self.prompts_generator = model.prompts_generator
+        self.prompts_visual_ln = model.prompts_visual_ln
+        self.prompts_visual_proj = model.prompts_visual_proj
+        self.logit_scale = model.logit_scale
+        self.training = model.training  # the model's mode, without changing its modules'
+        with torch.no_grad():
+            text = model.class_text_features(model.class_tokens)
+        self.register_buffer("class_text", text.detach().clone())
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        video_embeds, visual_tokens = self.encode_video(video)
+        return self.match(video_embeds, self.prompt_text(self.class_text, visual_tokens)).logits_per_video
 
 
 # Parameters whose name contains one of these train at 10x the learning rate (the reference's groups).
