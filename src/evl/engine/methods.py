@@ -118,7 +118,9 @@ def set_classes(model: nn.Module, method: MethodConfig, classes: Sequence[str]) 
         return
     templates = templates_for(method)
     prompts = [p for per_class in build_prompts(classes, templates) for p in per_class]
-    tokens = default_tokenizer()(prompts, context_length=model.context_length)
+    # A model carries the tokenizer its text encoder was trained with (SigLIP's, MetaCLIP 2's); else CLIP's.
+    tokenizer = getattr(model, "tokenizer", None) or default_tokenizer()
+    tokens = tokenizer(prompts, context_length=model.context_length)
     model.set_class_tokens(tokens, num_templates=len(templates))
 
 
@@ -247,7 +249,13 @@ def _build_evl(run: RunConfig, run_dir: Path | None, classes: Sequence[str], see
 def _build_video_clip(run: RunConfig, run_dir: Path | None, tune: str) -> BuiltModel:
     towers = build_clip(run, run_dir)
     model = VideoCLIP(
-        towers.visual, towers.text, towers.logit_scale, tune=tune, compute_dtype=run.backbone.dtype
+        towers.visual,
+        towers.text,
+        towers.logit_scale,
+        tune=tune,
+        compute_dtype=run.backbone.dtype,
+        logit_bias=towers.logit_bias,
+        tokenizer=towers.tokenizer,
     )
     payload = {
         "vision": to_dict(towers.visual.config),

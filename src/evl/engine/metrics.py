@@ -39,6 +39,7 @@ def average_views(logits: Any, mode: str = "prob") -> np.ndarray:
     """Merge the views of each video: ``[N, V, C]`` -> ``[N, C]``.
 
     ``"prob"``: softmax over classes, then mean over views (official EVL and mmaction2 behaviour);
+    ``"sigmoid"``: each class's sigmoid, then mean over views (SigLIP's scores: classes scored apart);
     ``"logit"``: mean of the raw logits.
     """
     x = _numpy(logits, np.float64)
@@ -46,8 +47,10 @@ def average_views(logits: Any, mode: str = "prob") -> np.ndarray:
         raise ValueError(f"average_views: expected [N, V, C], got shape {x.shape}")
     if mode == "logit":
         return x.mean(axis=1)
+    if mode == "sigmoid":
+        return (1.0 / (1.0 + np.exp(-x))).mean(axis=1)
     if mode != "prob":
-        raise ValueError(f"average_views: mode must be 'prob' or 'logit', got {mode!r}")
+        raise ValueError(f"average_views: mode must be 'prob', 'sigmoid' or 'logit', got {mode!r}")
     x = np.exp(x - x.max(axis=-1, keepdims=True))  # shifted for numerical stability
     return (x / x.sum(axis=-1, keepdims=True)).mean(axis=1)
 

@@ -69,6 +69,17 @@ def video_inputs(batch: dict[str, Any], device: torch.device) -> tuple[torch.Ten
 
 
 @torch.no_grad()
+def view_averaging(model: torch.nn.Module) -> str:
+    """How a model's logits become class scores before the views are averaged (``average_views`` mode)."""
+    return "sigmoid" if getattr(model, "score_activation", "softmax") == "sigmoid" else "prob"
+
+
+def class_scores(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """Logits [..., C] -> the model's class scores: softmax, or per-class sigmoids (SigLIP's towers)."""
+    logits = logits.float()
+    return logits.sigmoid() if view_averaging(model) == "sigmoid" else logits.softmax(dim=-1)
+
+
 def score_batches(
     model: torch.nn.Module,
     batches: Iterable[dict[str, Any]],
@@ -81,7 +92,8 @@ def score_batches(
     progress: bool = True,
     total: int | None = None,
 ) -> ScoredVideos:
-    """Per-video probabilities of ``batches``: softmax over classes, averaged over each video's views.
+    """Per-video probabilities of ``batches``: softmax over classes (per-class sigmoids for a model whose
+    ``score_activation`` says so: SigLIP's towers), averaged over each video's views.
 
     ``forward`` (default: ``model``) maps the inputs ``to_device`` returns to logits [B*V, C];
     ``batch_size`` is reported in the :class:`~evl.devices.DeviceOutOfMemory` raised when the device runs
@@ -119,7 +131,7 @@ def score_batches(
                     bar.close()
                     raise evaluation_out_of_memory(batch_size, len(indices) * views) from None
                 logits = logits.float().view(len(indices), views, -1)
-                scores[indices] = average_views(logits.cpu(), mode="prob")
+                scores[indices] = average_views(logits.cpu(), mode=view_averaging(model))
                 scored[indices] = seen[indices] = True
                 if "path" in batch:
                     for index, path in zip(indices, batch["path"], strict=True):

@@ -247,12 +247,15 @@ def load_official_checkpoint(
 
 
 class CLIPTowers(NamedTuple):
-    """A CLIP model's image and text encoders and its logit scale (log of the logit temperature)."""
+    """An image-text model's two encoders (CLIP's, MetaCLIP 2's or SigLIP's), its logit scale (log of the
+    logit temperature), SigLIP's logit bias (None for CLIP) and the tokenizer its text encoder reads."""
 
-    visual: CLIPVisionTransformer
-    text: CLIPTextTransformer
+    visual: nn.Module
+    text: nn.Module
     logit_scale: float
     name: str
+    logit_bias: float | None = None
+    tokenizer: Callable[..., torch.Tensor] | None = None  # None: CLIP's BPE (evl.tokenizer)
 
 
 def load_clip_text(path: str | Path, **overrides: Any) -> tuple[CLIPTextTransformer, float]:
@@ -384,6 +387,8 @@ def create_clip(
             f"CLIP weights {spec!r} are neither a file or folder nor a preset name "
             f"({', '.join(VISION_PRESETS)}); random-init models are written random:NAME"
         )
+    if _folder_model_type(path) in _TOWER_FOLDER_MODEL_TYPES:
+        return _towers_from_folder(path, mean_std)
     config, state = load_clip_vision(path, heads=heads)
     visual = CLIPVisionTransformer(_with_mean_std(config, mean_std))
     visual.load_state_dict(state, strict=True)
@@ -395,6 +400,21 @@ def create_clip(
             "with its text encoder, not an image encoder alone)"
         ) from None
     return CLIPTowers(visual, text, logit_scale, str(path))
+
+
+# Hugging Face image-text folders that ship their own tokenizer (and, for SigLIP, a logit bias).
+_TOWER_FOLDER_MODEL_TYPES = ("siglip", "siglip2", "metaclip_2")
+
+
+def _towers_from_folder(
+    path: Path, mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None
+) -> CLIPTowers:
+    """Both towers of a SigLIP, SigLIP 2 or MetaCLIP 2 folder, with its tokenizer and scale (and bias)."""
+    config, state = read_vision(path)
+    visual = create_encoder(_with_mean_std(config, mean_std))
+    load_strict(visual, state, str(path), "image encoder")
+    tower = load_text_tower(path)
+    return CLIPTowers(visual, tower.text, tower.logit_scale, str(path), tower.logit_bias, tower.tokenizer)
 
 
 def _with_mean_std(
@@ -421,6 +441,13 @@ def xclip_from_clip(towers: CLIPTowers, num_frames: int, **fields: Any) -> XCLIP
     ``fields`` set other :class:`XCLIPConfig` fields (``mit_layers``, ``prompt_alpha``, ...).
     """
     vision, text = towers.visual.config, towers.text.config
+    visual, text_tower = towers.visual, towers.text
+    if not (isinstance(visual, CLIPVisionTransformer) and isinstance(text_tower, CLIPTextTransformer)):
+        # Its cross-frame message tokens run inside CLIP's image blocks, and its prompts feed CLIP's text.
+        raise ValueError(
+            f"X-CLIP is built on CLIP's image and text encoders; {towers.name} has a {vision.family} image "
+            "encoder (its text towers take zero-shot and ViFi-CLIP tuning: method.name zeroshot or vifi)"
+        )
     if vision.output_dim is None or text.output_dim != vision.output_dim:
         raise ValueError(
             f"X-CLIP needs image and text embeddings of one size; this CLIP has {vision.output_dim} "

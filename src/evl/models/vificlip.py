@@ -3,7 +3,10 @@
 Every frame goes through the CLIP image encoder (``ln_post`` + ``proj`` of the CLS token); the frame
 embeddings are averaged over time and L2-normalised. Each class is a text prompt through the CLIP text
 encoder, normalised (and averaged over templates when several are given). The logits are
-``exp(logit_scale) * cosine(video, class)``.
+``exp(logit_scale) * cosine(video, class)``, plus ``logit_bias`` for towers trained with SigLIP's sigmoid
+loss, whose class scores are then sigmoids (each class on its own) rather than a softmax over the classes.
+The towers may be CLIP's, MetaCLIP 2's or SigLIP's (any image encoder with a pooled embedding and a text
+encoder of the same embedding size).
 
 ``tune`` chooses what trains: ``"both"`` (ViFi-CLIP: both towers and ``logit_scale``), ``"image"`` or
 ``"text"`` (the paper's ablations), ``"none"`` (vanilla zero-shot CLIP). Token embeddings never train: the
@@ -23,8 +26,6 @@ from torch import nn
 
 from evl.config import VisionConfig
 from evl.devices import autocast, check_precision, resolve_precision
-from evl.models.clip_text import CLIPTextTransformer
-from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.layers import TrainableStateModule
 
 __all__ = [
@@ -73,9 +74,21 @@ def average_frames(frames: torch.Tensor, num_frames: int) -> torch.Tensor:
     return F.normalize(frames.float().unflatten(0, (-1, num_frames)).mean(dim=1), dim=-1)
 
 
-def class_logits(video: torch.Tensor, classes: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Normalised video [B, D] and class [K, D] embeddings -> logits [B, K] = exp(logit_scale) * cosine."""
-    return logit_scale.exp() * video @ classes.t()
+def class_logits(
+    video: torch.Tensor,
+    classes: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Normalised video [B, D] and class [K, D] embeddings -> logits [B, K] = exp(logit_scale) * cosine
+    (+ ``logit_bias``, SigLIP's)."""
+    logits = logit_scale.exp() * video @ classes.t()
+    return logits if logit_bias is None else logits + logit_bias
+
+
+def embedding_dim(config: VisionConfig) -> int:
+    """Size of an image encoder's pooled embedding: its projection's, else its width (SigLIP, DINOv2)."""
+    return config.output_dim or config.width
 
 
 def _clear_text_cache_after_load(module: VideoCLIP, incompatible_keys: Any) -> None:
@@ -86,9 +99,12 @@ class VideoCLIP(TrainableStateModule):
     """Videos [B, T, 3, H, W] (normalised) -> logits [B, K] against K class prompts.
 
     Args:
-        visual: CLIP image encoder; it must have a projection (``output_dim``).
-        text: CLIP text encoder with the same ``output_dim``.
+        visual: image encoder whose pooled embedding matches the text embedding (CLIP: with its
+            projection, ``output_dim``).
+        text: text encoder with the same embedding size (CLIP's, or SigLIP's).
         logit_scale: the log of the logit temperature (CLIP checkpoints store it so; about log(100)).
+        logit_bias: SigLIP's learned bias (None for CLIP): the scores become per-class sigmoids.
+        tokenizer: what turns class prompts into the text encoder's ids (None: CLIP's BPE).
         tune: which parameters train, one of :data:`TUNE_MODES`.
         compute_dtype: dtype the towers run in, as EVL's ``backbone_dtype``: ``"auto"`` is float32 on CPU
             and bfloat16 autocast on CUDA; or ``"float32"``, ``"bfloat16"``, ``"float16"``.
@@ -99,21 +115,23 @@ class VideoCLIP(TrainableStateModule):
 
     def __init__(
         self,
-        visual: CLIPVisionTransformer,
-        text: CLIPTextTransformer,
+        visual: nn.Module,
+        text: nn.Module,
         logit_scale: float = math.log(1 / 0.07),
         tune: str = "both",
         compute_dtype: str = "auto",
+        logit_bias: float | None = None,
+        tokenizer: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if tune not in TUNE_MODES:
             raise ValueError(f"unknown tune mode {tune!r}; expected one of {', '.join(TUNE_MODES)}")
-        if visual.proj is None:
+        if visual.config.family == "clip" and visual.config.output_dim is None:
             raise ValueError("VideoCLIP needs an image encoder with a projection (VisionConfig.output_dim)")
-        if visual.config.output_dim != text.config.output_dim:
+        if embedding_dim(visual.config) != text.config.output_dim:
             raise ValueError(
-                f"image embeddings have {visual.config.output_dim} dims but text embeddings "
-                f"{text.config.output_dim}; the towers must come from the same CLIP model"
+                f"image embeddings have {embedding_dim(visual.config)} dims but text embeddings "
+                f"{text.config.output_dim}; the towers must come from the same model"
             )
         check_precision(compute_dtype, "backbone.dtype")  # reject a bad name now, not at forward
         self.tune = tune
@@ -121,6 +139,11 @@ class VideoCLIP(TrainableStateModule):
         self.visual = visual
         self.text = text
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
+        # NOTE(ref): SigLIP's bias is learned with its sigmoid loss; under the softmax cross-entropy ViFi-CLIP
+        # trains with, a bias shared by every class changes nothing, so it stays as loaded.
+        bias = None if logit_bias is None else torch.tensor(float(logit_bias))
+        self.register_buffer("logit_bias", bias)
+        self.tokenizer = tokenizer  # not a weight: prompts are tokenized before they reach the model
         # Prompts travel with .to(device) but not into checkpoints: the class list is data, not weights.
         self.register_buffer("class_tokens", None, persistent=False)
         self.num_templates = 1
@@ -263,7 +286,7 @@ class VideoCLIP(TrainableStateModule):
         tokens = self.class_tokens
         if tokens is None:
             raise RuntimeError("no class prompts: call set_class_tokens(token_ids) before encoding text")
-        key = (tokens.device, self.compute_dtype, self.text.text_projection.dtype)
+        key = (tokens.device, self.compute_dtype, next(self.text.parameters()).dtype)
         cacheable = not self.tune_text or self._cache_depth > 0
         if cacheable and self._text_cache is not None and self._text_cache_key == key:
             return self._text_cache
@@ -275,9 +298,14 @@ class VideoCLIP(TrainableStateModule):
             self._text_cache, self._text_cache_key = classes.detach(), key
         return classes
 
+    @property
+    def score_activation(self) -> str:
+        """How logits become class scores: ``"sigmoid"`` for SigLIP's towers, ``"softmax"`` for CLIP's."""
+        return "softmax" if self.logit_bias is None else "sigmoid"
+
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """Videos [B, T, 3, H, W] -> logits [B, K] = exp(logit_scale) * cosine."""
-        return class_logits(self.encode_video(video), self.encode_text(), self.logit_scale)
+        """Videos [B, T, 3, H, W] -> logits [B, K] = exp(logit_scale) * cosine (+ logit_bias)."""
+        return class_logits(self.encode_video(video), self.encode_text(), self.logit_scale, self.logit_bias)
 
     def fixed_classes(self) -> FixedClassVideoCLIP:
         """This model over its current class list, without its text tower (:class:`FixedClassVideoCLIP`)."""
@@ -327,6 +355,7 @@ class FixedClassVideoCLIP(nn.Module):
         super().__init__()
         self.visual = model.visual
         self.logit_scale = model.logit_scale
+        self.logit_bias = model.logit_bias
         self.training = model.training  # the model's mode, without changing its modules'
         with torch.no_grad(), model.text_cache():
             classes = model.encode_text()
@@ -334,4 +363,5 @@ class FixedClassVideoCLIP(nn.Module):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         frames = self.visual(video.flatten(0, 1))  # [B*T, D]
-        return class_logits(average_frames(frames, video.shape[1]), self.class_embeddings, self.logit_scale)
+        video_embeddings = average_frames(frames, video.shape[1])
+        return class_logits(video_embeddings, self.class_embeddings, self.logit_scale, self.logit_bias)
