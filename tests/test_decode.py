@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from evl.video import decode
-from evl.video.decode import VideoDecodeError, VideoMeta, probe, read_frames
+from evl.video.decode import VideoDecodeError, VideoMeta, iter_frames, probe, read_frames
 from evl.video.encode import write_video
 
 H, W = 32, 48
@@ -333,3 +333,63 @@ def test_truncated_file_gives_frames_that_survive_and_fails_on_the_rest(tmp_path
     with pytest.raises(VideoDecodeError, match="corrupted video data") as info:
         read_frames(path, [58])
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------- streaming
+
+
+def test_iter_frames_streams_every_frame_in_order(video60, frames60):
+    streamed = list(iter_frames(video60))
+    assert [index for index, _ in streamed] == list(range(60))
+    np.testing.assert_array_equal(np.stack([image for _, image in streamed]), frames60)
+
+
+@pytest.mark.parametrize(
+    ("name", "codec", "options"),
+    [
+        ("gop.mp4", "libx264rgb", {"qp": "0", "preset": "ultrafast", "g": "5", "sc_threshold": "0"}),
+        ("bframes.mkv", "libx264", {"preset": "medium", "bf": "3", "g": "12"}),
+        ("packed.avi", "mpeg4", {"g": "7", "bf": "2"}),
+        ("approx.ts", "libx264", {"preset": "medium", "bf": "2", "g": "9"}),
+    ],
+)
+def test_iter_frames_gives_the_frames_read_frames_gives(tmp_path, name, codec, options):
+    frames = index_frames(40)
+    pix_fmt = "rgb24" if codec == "libx264rgb" else "yuv420p"
+    path = write_pyav(tmp_path / name, frames, codec=codec, pix_fmt=pix_fmt, options=options)
+    wanted = [0, 3, 4, 17, 30, 39, 41, 45]  # past the end: the last frame, as read_frames
+    streamed = list(iter_frames(path, wanted))
+    assert [index for index, _ in streamed] == wanted
+    np.testing.assert_array_equal(np.stack([image for _, image in streamed]), read_frames(path, wanted))
+
+
+def test_iter_frames_of_a_variable_frame_rate_and_a_rotated_video(tmp_path):
+    frames = index_frames(30)
+    pts = np.concatenate([[0], np.cumsum(np.random.default_rng(1).integers(5, 90, size=29))]).tolist()
+    vfr = write_pyav(tmp_path / "vfr.mkv", frames, pts=pts, time_base=Fraction(1, 1000))
+    rotated = write_pyav(tmp_path / "rot.mp4", frames, rotation=90)
+    for path in (vfr, rotated):
+        wanted = [1, 2, 12, 29]
+        images = np.stack([image for _, image in iter_frames(path, wanted)])
+        np.testing.assert_array_equal(images, read_frames(path, wanted))
+
+
+def test_iter_frames_refuses_indices_out_of_order(video60):
+    with pytest.raises(ValueError, match="strictly increasing"):
+        list(iter_frames(video60, [3, 3]))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        list(iter_frames(video60, [-1]))
+
+
+def test_iter_frames_of_broken_files_raise_one_line_errors(tmp_path, video60, frames60):
+    with pytest.raises(VideoDecodeError, match="file not found"):
+        list(iter_frames(tmp_path / "missing.mp4"))
+    options = {"qp": "0", "preset": "ultrafast", "g": "10"}
+    full = write_pyav(
+        tmp_path / "fast.mp4", frames60, options=options, container_options={"movflags": "+faststart"}
+    )
+    half = tmp_path / "half.mp4"
+    half.write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])  # media data cut
+    with pytest.raises(VideoDecodeError, match="corrupted video data") as info:
+        list(iter_frames(half, [0, 58]))
+    assert "\n" not in str(info.value)

@@ -260,9 +260,6 @@ def test_the_onnx_packages_are_imported_only_inside_functions():
 # -------------------------------------------------------------------------------------------- command
 
 
-@pytest.mark.skipif(
-    not hasattr(evl.cli, "_cmd_export"), reason="the 'evl export' command is not in evl.cli yet"
-)
 def test_cli_exports_a_run_directory(tmp_path, capsys):
     from evl.cli import main
 

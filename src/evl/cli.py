@@ -13,6 +13,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evl.config import SettingError
 from evl.devices import DeviceOutOfMemory
@@ -22,6 +23,9 @@ from evl.runtime import tune_cpu_allocator
 from evl.video.decode import VideoDecodeError, printable_path
 from evl.video.lists import ListFileError
 from evl.weights import WeightFormatError
+
+if TYPE_CHECKING:  # the engine is imported by each command when it runs (a fast start for --help)
+    from evl.engine.predict import Predictor
 
 # Exit statuses, the same for every command: success; a mistake in what the user passed (one line on
 # stderr says which); interrupted (128 + SIGINT, as shells report it). Anything else is a bug: a traceback.
@@ -313,22 +317,63 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_window_arguments(p: argparse.ArgumentParser) -> None:
+    """Windows of a long video: in seconds, or in frames (which win over seconds)."""
+    p.add_argument("--window", type=float, metavar="S", help="windows of S seconds along the video")
+    p.add_argument("--stride", type=float, metavar="S", help="seconds between windows (default: half one)")
+    p.add_argument("--window-frames", type=int, metavar="N", help="windows of N frames (instead of --window)")
+    p.add_argument("--stride-frames", type=int, metavar="N", help="frames between windows (or --stride)")
+
+
+def _window_settings(args: argparse.Namespace) -> dict | None:
+    """The window flags as keyword arguments, or None when no window was asked for."""
+    if args.window is None and args.window_frames is None:
+        if args.stride is not None or args.stride_frames is not None:
+            raise ValueError("--stride and --stride-frames need --window or --window-frames")
+        return None
+    keys = ("window", "stride", "window_frames", "stride_frames")
+    return {key: getattr(args, key) for key in keys}
+
+
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify video files with a trained run (or zero-shot CLIP)")
     _add_source_arguments(p)
     p.add_argument("videos", nargs="+", help="video files or folders")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON object per video")
+    timeline = p.add_argument_group(
+        "timeline", "long, untrimmed videos: classify windows along the video and merge them into segments"
+    )
+    _add_window_arguments(timeline)
+    timeline.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    timeline.add_argument(
+        "--timeline-out",
+        metavar="DIR",
+        help="write STEM.timeline.json, STEM.segments.csv, STEM.windows.csv and STEM.timeline.png per video",
+    )
+    timeline.add_argument(
+        "--overlay",
+        action="store_true",
+        help="also write STEM.overlay.mp4 into --timeline-out: the video with the current label and score",
+    )
+    timeline.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from evl.engine.predict import Predictor, expand_video_paths
 
+    windows = _window_settings(args)
+    if windows is None and (args.timeline_out or args.overlay):
+        raise ValueError("--timeline-out and --overlay need --window (or --window-frames)")
+    if args.overlay and not args.timeline_out:
+        raise ValueError("--overlay writes into the --timeline-out folder: pass --timeline-out DIR")
     predictor = Predictor(_load_source(args))
     paths = expand_video_paths(args.videos)
     if not paths:
         raise FileNotFoundError(f"no video files in {' '.join(args.videos)}")
+    if windows is not None:
+        return _predict_timelines(args, predictor, paths, windows)
     failures = 0
     for path in paths:
         try:
@@ -347,6 +392,97 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     # Some videos unreadable: each has its error line and the others their predictions. None readable: an
     # input error, as a missing file is for every other command.
     return EXIT_INPUT_ERROR if failures == len(paths) else EXIT_OK
+
+
+def _predict_timelines(
+    args: argparse.Namespace, predictor: Predictor, paths: list[Path], windows: dict
+) -> int:
+    """``evl predict --window``: per video, its segments (or the whole timeline as JSON) and the files."""
+    from evl.engine.timeline import unique_stems, write_timeline_files
+
+    failures = 0
+    for path, stem in zip(paths, unique_stems(paths), strict=True):
+        try:
+            timeline = predictor.timeline(
+                path, topk=args.topk, batch_size=args.batch_size, progress=not args.quiet, **windows
+            )
+            written = {}
+            if args.timeline_out:
+                overlay_from = path if args.overlay else None
+                written = write_timeline_files(timeline, args.timeline_out, stem, overlay_from=overlay_from)
+        except VideoDecodeError as err:
+            failures += 1
+            shown = printable_path(path)
+            print(json.dumps({"path": shown, "error": str(err)}) if args.json else f"error: {err}")
+            continue
+        if args.json:
+            files = {kind: str(file) for kind, file in written.items()}
+            print(json.dumps({**timeline.to_dict(), "files": files}))
+            continue
+        plan = timeline.plan
+        every = f"{plan.length / plan.fps:.2f} s every {plan.stride / plan.fps:.2f} s"
+        print(f"{printable_path(path)}  ({len(plan)} windows of {every})")
+        for s in timeline.segments:
+            print(f"  {s.start:9.2f} - {s.end:9.2f} s  {s.score * 100:6.2f}%  {s.name}")
+        for kind, file in written.items():
+            print(f"  {kind}: {file}")
+    return EXIT_INPUT_ERROR if failures == len(paths) else EXIT_OK
+
+
+def _add_embed_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed", help="video embeddings (per video, or per window of long videos) into one safetensors file"
+    )
+    p.add_argument(
+        "source", metavar="RUN_DIR", help="a run directory; or CLIP weights with --method zeroshot"
+    )
+    p.add_argument(
+        "input",
+        metavar="LIST_OR_FOLDER",
+        help="a folder of videos, a video file, or a list file (training lists, or one path per line)",
+    )
+    p.add_argument("--output", required=True, help="the safetensors file to write")
+    p.add_argument("--data-root", help="folder the list's paths are relative to")
+    p.add_argument(
+        "--method", choices=("zeroshot",), help="zeroshot: SOURCE is CLIP weights, nothing trained"
+    )
+    p.add_argument("--num-frames", type=int, help="zero-shot from CLIP weights: frames per clip (default 8)")
+    p.add_argument("--frame-stride", type=int, help="zero-shot from CLIP weights: frame stride (default 16)")
+    p.add_argument("--sampling", choices=("dense", "segment"), help="zero-shot from CLIP weights: sampling")
+    _add_window_arguments(p)
+    p.add_argument("--batch-size", type=int, default=8, help="videos (or windows) per forward pass")
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_embed)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from evl.engine.embed import embed_videos, load_embedder, read_video_paths
+
+    windows = _window_settings(args) or {}
+    data = {"num_frames": args.num_frames, "frame_stride": args.frame_stride, "sampling": args.sampling}
+    predictor = load_embedder(args.source, method=args.method, data=data, device=args.device)
+    paths = read_video_paths(args.input, data_root=args.data_root)
+    if not paths:
+        raise FileNotFoundError(f"no video files in {args.input}")
+    written = embed_videos(
+        predictor,
+        paths,
+        args.output,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        source=args.source,
+        **windows,
+    )
+    summary = {
+        "output": str(args.output),
+        "videos": len(written.paths),
+        "rows": len(written),
+        "dim": written.dim,
+        "failed": len(written.failed),
+    }
+    print(json.dumps(summary))
+    return EXIT_OK
 
 
 def _add_lists_parser(sub: argparse._SubParsersAction) -> None:
@@ -704,6 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_extract_parser,
         _add_eval_parser,
         _add_predict_parser,
+        _add_embed_parser,
         _add_lists_parser,
         _add_prepare_parser,
         _add_export_parser,
@@ -730,7 +867,7 @@ def _memory_advice(err: DeviceOutOfMemory, command: str) -> str:
             f"pass --batch-split {2 * err.batch_split} (or more) to run the same batch of {err.batch_size} "
             "in smaller micro-batches; the last good checkpoint is kept and --resume auto continues from it"
         )
-    if command == "predict":  # one video at a time already: only its views or the device can change
+    if command == "predict" and err.batch_size == 1:  # one video's views: only the device can change
         return "the views of one video do not fit: use a device with more memory or --device cpu"
     return f"pass a smaller --batch-size (now {err.batch_size})"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from evl.engine.methods import ZEROSHOT
 from evl.engine.run import LoadedRun, load_run, zeroshot_run
 from evl.engine.scoring import score_batches
 from evl.video.dataset import EvalViews
+
+if TYPE_CHECKING:
+    from evl.engine.timeline import Timeline
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"}
 
@@ -69,6 +73,40 @@ class Predictor:
         values, indices = probs.topk(min(topk, probs.numel()))
         labels = indices.tolist()
         return Prediction(str(path), [self.classes[i] for i in labels], values.tolist(), labels)
+
+    def timeline(
+        self,
+        path: str | Path,
+        window: float | None = 2.0,
+        stride: float | None = None,
+        *,
+        window_frames: int | None = None,
+        stride_frames: int | None = None,
+        topk: int = 5,
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> Timeline:
+        """A long video as windows of ``window`` seconds every ``stride`` seconds (default: half a window),
+        or in frames, each classified, merged into segments: see :mod:`evl.engine.timeline`."""
+        from evl.engine.timeline import predict_timeline  # here: timeline imports this module
+
+        return predict_timeline(
+            self,
+            path,
+            window,
+            stride,
+            window_frames=window_frames,
+            stride_frames=stride_frames,
+            topk=topk,
+            batch_size=batch_size,
+            progress=progress,
+        )
+
+    def embed(self, path: str | Path) -> torch.Tensor:
+        """The video's embedding [D] (float32, on the CPU): see :mod:`evl.engine.embed` for what it is."""
+        from evl.engine.embed import embed_views  # here: embed imports this module
+
+        return embed_views(self, self.views.load(Path(path))[None])[0]
 
 
 def load(run_dir: str | Path, device: str | None = None) -> Predictor:

@@ -18,9 +18,11 @@ seek lands after the wanted frame (approximate MPEG-TS seeks), decoding starts o
 
 from __future__ import annotations
 
+import itertools
+import operator
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -29,7 +31,15 @@ from pathlib import Path
 import av
 import numpy as np
 
-__all__ = ["MAX_FRAME_PIXELS", "VideoDecodeError", "VideoMeta", "printable_path", "probe", "read_frames"]
+__all__ = [
+    "MAX_FRAME_PIXELS",
+    "VideoDecodeError",
+    "VideoMeta",
+    "iter_frames",
+    "printable_path",
+    "probe",
+    "read_frames",
+]
 
 PathLike = str | os.PathLike
 
@@ -132,6 +142,69 @@ def read_frames(path: PathLike, indices: Sequence[int], meta: VideoMeta | None =
         # Several indices can share one frame (padding, repeats): convert each frame once.
         images = {id(frame): _to_rgb(frame, stream) for frame in picked.values()}
     return np.stack([images[id(picked[index])] for index in order.tolist()])
+
+
+def iter_frames(path: PathLike, indices: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Stream a video once from its start: ``(index, frame)`` in presentation order, upright and in RGB.
+
+    For videos too long to hold: one frame at a time is converted and handed over, and nothing is kept.
+    ``indices`` (strictly increasing) selects the frames to convert and yield; the others are decoded,
+    since the codec needs them, but never converted. Frames are the ones :func:`read_frames` returns for
+    the same indices: an index with no frame of its own (a gap left by dropped frames) gets the frame on
+    screen at that moment, and an index past the last frame gets the last frame, unless the container's
+    index promised it (then the data is truncated: VideoDecodeError). Without ``indices``, every frame is
+    yielded, up to the last one decoded.
+
+    Yields:
+        (index, uint8 [H, W, 3]), H and W being the displayed size.
+
+    Raises:
+        VideoDecodeError: as :func:`read_frames`.
+        ValueError: ``indices`` holds a negative number or is not strictly increasing (raised on reaching
+            the offending index).
+    """
+    every = indices is None
+    targets = itertools.count() if every else _increasing(indices)
+    with _open_video(path) as (container, stream):
+        timeline = _timeline(container, stream)
+        target = next(targets, None)
+        held: av.VideoFrame | None = None
+        index = -1
+        for frame in _iter_frames(container, stream):
+            if target is None:
+                return
+            index = timeline.index_of(frame.pts, index)
+            while target is not None and index > target:
+                # No frame of its own: the one on screen then, or the first frame if none was yet.
+                yield target, _to_rgb(frame if held is None else held, stream)
+                target = next(targets, None)
+            if target == index:
+                yield target, _to_rgb(frame, stream)
+                target = next(targets, None)
+            held = frame
+        if held is None:
+            raise VideoDecodeError(f"{printable_path(path)}: no decodable video frames")
+        while target is not None and not every:
+            if target < timeline.num_frames:
+                raise VideoDecodeError(
+                    f"{printable_path(path)}: truncated or corrupted video data: frame {target} of "
+                    f"{timeline.num_frames} could not be decoded"
+                )
+            yield target, _to_rgb(held, stream)
+            target = next(targets, None)
+
+
+def _increasing(indices: Iterable[int]) -> Iterator[int]:
+    """``indices`` as ints, checked on the way: non-negative and strictly increasing."""
+    previous = -1
+    for value in indices:
+        index = operator.index(value)
+        if index <= previous:
+            raise ValueError(
+                f"iter_frames needs strictly increasing indices >= 0, got {index} after {previous}"
+            )
+        previous = index
+        yield index
 
 
 # ------------------------------------------------------------------------------------- frame selection
