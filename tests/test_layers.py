@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "evl.devices",
             "evl.tokenizer",
             "evl.text_tokenizers",
+            "evl.positions",
             "evl.runtime",
             "evl.recipes",
         ),

@@ -19,6 +19,7 @@ from torch import nn
 from evl.config import VisionConfig
 from evl.devices import tracing
 from evl.models.layers import LayerNorm, QuickGELU, activation_layer
+from evl.positions import resize_position_table
 
 # Tokens per MLP matmul on CPUs when no gradient is needed (memory, not speed: the hidden tensors' size).
 MLP_TOKENS_PER_PIECE = 800
@@ -135,7 +136,69 @@ class Transformer(nn.Module):
         )
 
 
-class CLIPVisionTransformer(nn.Module):
+class ImageEncoder(nn.Module):
+    """What the image encoder families share: tokens from :meth:`embed` through the blocks of
+    :meth:`block_stack`, shallow to deep, and a pooled embedding from :meth:`pool`.
+
+    A family provides those three (and ``config``); the decoder's reads of the blocks and the plain forward
+    are written once here. The blocks take ``(x, return_qk)`` and return ``(x, (q, k) or None)``.
+    """
+
+    config: VisionConfig
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def block_stack(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_intermediates(self, x: torch.Tensor, blocks: Sequence[int]) -> list[BlockFeatures]:
+        """Images [N, 3, H, W] -> one :class:`BlockFeatures` per requested block, in the order requested.
+
+        Only blocks up to the deepest requested one run, q/k are kept for the requested blocks only, and the
+        final norm (and projection or pooling) is not applied: the decoder reads the raw residual stream.
+        """
+        kept = dict(self.iter_intermediates(x, blocks))
+        return [kept[b] for b in blocks]
+
+    def iter_intermediates(
+        self, x: torch.Tensor, blocks: Sequence[int]
+    ) -> Iterator[tuple[int, BlockFeatures]]:
+        """As :meth:`forward_intermediates`, but yields (block index, features) shallow to deep as soon as
+        each requested block has run. A consumer that keeps only what it needs of each before asking for the
+        next (e.g. not q and k) holds one block's q and k at a time instead of all of them."""
+        stack = self.block_stack()
+        wanted = sorted(set(blocks))
+        if not wanted:
+            raise ValueError("forward_intermediates needs at least one block index")
+        if wanted[0] < 0 or wanted[-1] >= len(stack):
+            raise ValueError(f"block indices {list(blocks)} are outside the encoder's {len(stack)} blocks")
+        x = self.embed(x)
+        for index, block in enumerate(stack[: wanted[-1] + 1]):
+            keep = index in wanted
+            x, qk = block(x, return_qk=keep)
+            if keep:
+                features = BlockFeatures(x, *qk)
+                del qk  # the consumer decides how long q and k live
+                yield index, features
+                del features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, H, W] -> output tokens of the last block [N, L, C] (before the final norm)."""
+        x = self.embed(x)
+        for block in self.block_stack():
+            x, _ = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, H, W] -> pooled embeddings [N, D]."""
+        return self.pool(self.forward_features(x))
+
+
+class CLIPVisionTransformer(ImageEncoder):
     """CLIP's ViT image encoder (OpenAI ``VisionTransformer`` layout and names)."""
 
     def __init__(self, config: VisionConfig) -> None:
@@ -161,17 +224,7 @@ class CLIPVisionTransformer(nn.Module):
 
     def positional_embedding_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """[1 + grid_h*grid_w, C]: the learned table, resized bicubically when the grid differs (as CLIP)."""
-        pos = self.positional_embedding
-        grid = self.config.grid_size
-        if (grid_h, grid_w) == (grid, grid):
-            return pos
-        cls_pos, patch_pos = pos[:1], pos[1:]
-        patch_pos = patch_pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # [1, C, g, g]
-        patch_pos = F.interpolate(
-            patch_pos.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False
-        ).to(pos.dtype)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
-        return torch.cat([cls_pos, patch_pos], dim=0)
+        return resize_position_table(self.positional_embedding, (grid_h, grid_w), prefix=1)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images [N, 3, H, W] -> tokens [N, 1 + h*w, C] (CLS first, patches row-major), after ``ln_pre``."""
@@ -184,49 +237,10 @@ class CLIPVisionTransformer(nn.Module):
         return self.ln_pre(x)
 
     # -------------------------------------------------------------------------------------------- forwards
-    def forward_intermediates(self, x: torch.Tensor, blocks: Sequence[int]) -> list[BlockFeatures]:
-        """Images [N, 3, H, W] -> one :class:`BlockFeatures` per requested block, in the order requested.
-
-        Only blocks up to the deepest requested one run, q/k are kept for the requested blocks only, and
-        ``ln_post``/``proj`` are not applied: the decoder reads the raw residual stream.
-        """
-        kept = dict(self.iter_intermediates(x, blocks))
-        return [kept[b] for b in blocks]
-
-    def iter_intermediates(
-        self, x: torch.Tensor, blocks: Sequence[int]
-    ) -> Iterator[tuple[int, BlockFeatures]]:
-        """As :meth:`forward_intermediates`, but yields (block index, features) shallow to deep as soon as
-        each requested block has run. A consumer that keeps only what it needs of each before asking for the
-        next (e.g. not q and k) holds one block's q and k at a time instead of all of them."""
-        num_blocks = len(self.transformer.resblocks)
-        wanted = sorted(set(blocks))
-        if not wanted:
-            raise ValueError("forward_intermediates needs at least one block index")
-        if wanted[0] < 0 or wanted[-1] >= num_blocks:
-            raise ValueError(f"block indices {list(blocks)} are outside the encoder's {num_blocks} blocks")
-        x = self.embed(x)
-        for index, block in enumerate(self.transformer.resblocks[: wanted[-1] + 1]):
-            keep = index in wanted
-            x, qk = block(x, return_qk=keep)
-            if keep:
-                features = BlockFeatures(x, *qk)
-                del qk  # the consumer decides how long q and k live
-                yield index, features
-                del features
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [N, 3, H, W] -> output tokens of the last block [N, L, C] (no ``ln_post``)."""
-        x = self.embed(x)
-        for block in self.transformer.resblocks:
-            x, _ = block(x)
-        return x
+    def block_stack(self) -> nn.ModuleList:
+        return self.transformer.resblocks
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens [N, L, C] -> image embedding [N, D]: ``ln_post`` of CLS, projected when ``proj`` exists."""
         x = self.ln_post(tokens[:, 0])
         return x @ self.proj.to(x.dtype) if self.proj is not None else x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [N, 3, H, W] -> embeddings [N, output_dim] (or [N, width] without projection)."""
-        return self.pool(self.forward_features(x))

@@ -14,15 +14,14 @@ each requested block's own attention q and k.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from evl.config import VisionConfig
-from evl.models.clip_vit import Attention, BlockFeatures
+from evl.models.clip_vit import Attention, ImageEncoder
 from evl.models.layers import LayerNorm, activation_layer
+from evl.positions import resize_position_table
 
 
 class LayerScaleBlock(nn.Module):
@@ -54,7 +53,7 @@ class LayerScaleBlock(nn.Module):
         return x, qk
 
 
-class DINOv2VisionTransformer(nn.Module):
+class DINOv2VisionTransformer(ImageEncoder):
     """DINOv2's ViT: patch embedding, [CLS, registers, patches] tokens, LayerScale blocks, final norm."""
 
     def __init__(self, config: VisionConfig) -> None:
@@ -95,21 +94,8 @@ class DINOv2VisionTransformer(nn.Module):
         size, in float32, with antialiasing for the register models only. Meta's code for the models without
         registers scales by (grid + 0.1) / old grid instead, which lands a hair away from these values.
         """
-        pos = self.pos_embed
-        grid = self.config.grid_size
-        if (grid_h, grid_w) == (grid, grid):
-            return pos
-        cls_pos, patch_pos = pos[:1], pos[1:]
-        patch_pos = patch_pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # [1, C, g, g]
-        patch_pos = F.interpolate(
-            patch_pos.float(),
-            size=(grid_h, grid_w),
-            mode="bicubic",
-            align_corners=False,
-            antialias=self.config.register_tokens > 0,
-        ).to(pos.dtype)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
-        return torch.cat([cls_pos, patch_pos], dim=0)
+        antialias = self.config.register_tokens > 0
+        return resize_position_table(self.pos_embed, (grid_h, grid_w), prefix=1, antialias=antialias)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images [N, 3, H, W] -> tokens [N, 1 + R + h*w, C]: CLS, the R registers, patches row-major."""
@@ -126,48 +112,9 @@ class DINOv2VisionTransformer(nn.Module):
         return torch.cat([x[:, :1], registers, x[:, 1:]], dim=1)
 
     # -------------------------------------------------------------------------------------------- forwards
-    def forward_intermediates(self, x: torch.Tensor, blocks: Sequence[int]) -> list[BlockFeatures]:
-        """Images [N, 3, H, W] -> one :class:`BlockFeatures` per requested block, in the order requested.
-
-        Only blocks up to the deepest requested one run, q/k are kept for the requested blocks only, and the
-        final ``norm`` is not applied: the decoder reads the raw residual stream.
-        """
-        kept = dict(self.iter_intermediates(x, blocks))
-        return [kept[b] for b in blocks]
-
-    def iter_intermediates(
-        self, x: torch.Tensor, blocks: Sequence[int]
-    ) -> Iterator[tuple[int, BlockFeatures]]:
-        """As :meth:`forward_intermediates`, but yields (block index, features) shallow to deep as soon as
-        each requested block has run, so that a consumer holds one block's q and k at a time."""
-        wanted = sorted(set(blocks))
-        if not wanted:
-            raise ValueError("forward_intermediates needs at least one block index")
-        if wanted[0] < 0 or wanted[-1] >= len(self.blocks):
-            raise ValueError(
-                f"block indices {list(blocks)} are outside the encoder's {len(self.blocks)} blocks"
-            )
-        x = self.embed(x)
-        for index, block in enumerate(self.blocks[: wanted[-1] + 1]):
-            keep = index in wanted
-            x, qk = block(x, return_qk=keep)
-            if keep:
-                features = BlockFeatures(x, *qk)
-                del qk  # the consumer decides how long q and k live
-                yield index, features
-                del features
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [N, 3, H, W] -> output tokens of the last block [N, L, C] (no final ``norm``)."""
-        x = self.embed(x)
-        for block in self.blocks:
-            x, _ = block(x)
-        return x
+    def block_stack(self) -> nn.ModuleList:
+        return self.blocks
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens [N, L, C] -> image embedding [N, C]: the final-normed CLS token (as ``pooler_output``)."""
         return self.norm(tokens[:, 0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [N, 3, H, W] -> embeddings [N, width]."""
-        return self.pool(self.forward_features(x))

@@ -11,15 +11,14 @@ and q/k exactly as it does CLIP's. The embedding and head names follow Hugging F
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from evl.config import VisionConfig
-from evl.models.clip_vit import BlockFeatures, Transformer
+from evl.models.clip_vit import ImageEncoder, Transformer
 from evl.models.layers import LayerNorm, activation_layer
+from evl.positions import resize_position_table
 
 
 class AttentionPoolingHead(nn.Module):
@@ -50,7 +49,7 @@ class AttentionPoolingHead(nn.Module):
         return x[:, 0]
 
 
-class SigLIPVisionTransformer(nn.Module):
+class SigLIPVisionTransformer(ImageEncoder):
     """SigLIP's ViT image encoder: images [N, 3, S, S] -> pooled embeddings [N, width]."""
 
     def __init__(self, config: VisionConfig) -> None:
@@ -89,13 +88,7 @@ class SigLIPVisionTransformer(nn.Module):
 
         NOTE(ref): as transformers' ``interpolate_pos_encoding`` for SigLIP (a table without class row).
         """
-        pos = self.position_embedding
-        grid = self.config.grid_size
-        if (grid_h, grid_w) == (grid, grid):
-            return pos
-        table = pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # [1, C, g, g]
-        table = F.interpolate(table.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
-        return table.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
+        return resize_position_table(self.position_embedding, (grid_h, grid_w))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images [N, 3, H, W] -> patch tokens [N, h*w, C], row-major, position embedding added.
@@ -110,42 +103,8 @@ class SigLIPVisionTransformer(nn.Module):
         return x + self.position_embedding_for(grid_h, grid_w).to(x.dtype)
 
     # -------------------------------------------------------------------------------------------- forwards
-    def forward_intermediates(self, x: torch.Tensor, blocks: Sequence[int]) -> list[BlockFeatures]:
-        """Images [N, 3, H, W] -> one :class:`BlockFeatures` per requested block, in the order requested.
-
-        Only blocks up to the deepest requested one run, q/k are kept for the requested blocks only, and
-        ``post_layernorm`` is not applied: the decoder reads the raw residual stream.
-        """
-        kept = dict(self.iter_intermediates(x, blocks))
-        return [kept[b] for b in blocks]
-
-    def iter_intermediates(
-        self, x: torch.Tensor, blocks: Sequence[int]
-    ) -> Iterator[tuple[int, BlockFeatures]]:
-        """As :meth:`forward_intermediates`, but yields (block index, features) shallow to deep as soon as
-        each requested block has run."""
-        num_blocks = len(self.transformer.resblocks)
-        wanted = sorted(set(blocks))
-        if not wanted:
-            raise ValueError("forward_intermediates needs at least one block index")
-        if wanted[0] < 0 or wanted[-1] >= num_blocks:
-            raise ValueError(f"block indices {list(blocks)} are outside the encoder's {num_blocks} blocks")
-        x = self.embed(x)
-        for index, block in enumerate(self.transformer.resblocks[: wanted[-1] + 1]):
-            keep = index in wanted
-            x, qk = block(x, return_qk=keep)
-            if keep:
-                features = BlockFeatures(x, *qk)
-                del qk  # the consumer decides how long q and k live
-                yield index, features
-                del features
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [N, 3, H, W] -> output tokens of the last block [N, L, C] (no ``post_layernorm``)."""
-        x = self.embed(x)
-        for block in self.transformer.resblocks:
-            x, _ = block(x)
-        return x
+    def block_stack(self) -> nn.ModuleList:
+        return self.transformer.resblocks
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens [N, L, C] -> image embedding [N, C]: ``post_layernorm``, then the attention-pooling head.
@@ -155,7 +114,3 @@ class SigLIPVisionTransformer(nn.Module):
         """
         x = self.post_layernorm(tokens)
         return self.head(x) if self.head is not None else x.mean(dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [N, 3, H, W] -> embeddings [N, width]."""
-        return self.pool(self.forward_features(x))

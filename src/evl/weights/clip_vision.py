@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from evl.config import CLIP_MEAN, CLIP_STD, VisionConfig
+from evl.positions import resize_position_table
 from evl.weights.files import Tensors, WeightFormatError, read_state_dict
 from evl.weights.renames import apply_renames, hf_block_renames, merge_qkv
 
@@ -111,13 +112,7 @@ def _open_clip_vision_fields(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def resize_positional_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     """[1 + g*g, C] -> [1 + grid*grid, C], bicubic over the patch grid (CLS row kept)."""
-    old = round((pos.shape[0] - 1) ** 0.5)
-    if old == grid:
-        return pos
-    patch = pos[1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    patch = torch.nn.functional.interpolate(patch, size=(grid, grid), mode="bicubic", align_corners=False)
-    patch = patch.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)
-    return torch.cat([pos[:1], patch], dim=0)
+    return resize_position_table(pos, (grid, grid), prefix=1)
 
 
 def load_clip_vision(

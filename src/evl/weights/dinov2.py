@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from evl.config import IMAGENET_MEAN, IMAGENET_STD, VisionConfig
+from evl.positions import resize_position_table
 from evl.weights.files import Tensors, WeightFormatError
 from evl.weights.renames import apply_renames, merge_qkv
 
@@ -133,15 +134,7 @@ def resize_pos_embed(pos: torch.Tensor, grid: int, antialias: bool) -> torch.Ten
     NOTE(ref): transformers' rule, which :meth:`DINOv2VisionTransformer.pos_embed_for` follows at run time:
     in float32, antialiased for the register models only.
     """
-    old = round((pos.shape[0] - 1) ** 0.5)
-    if old == grid:
-        return pos
-    patch = pos[1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    patch = torch.nn.functional.interpolate(
-        patch, size=(grid, grid), mode="bicubic", align_corners=False, antialias=antialias
-    )
-    patch = patch.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)
-    return torch.cat([pos[:1], patch], dim=0)
+    return resize_position_table(pos, (grid, grid), prefix=1, antialias=antialias)
 
 
 def dinov2_vision_from_state(

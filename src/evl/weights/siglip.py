@@ -23,9 +23,9 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from evl.config import SIGLIP_MEAN, SIGLIP_STD, VisionConfig
+from evl.positions import resize_position_table
 from evl.weights.files import Tensors, WeightFormatError
 from evl.weights.renames import apply_renames, hf_block_renames, merge_qkv
 
@@ -110,15 +110,9 @@ def resize_patch_positions(pos: torch.Tensor, grid: int, naflex: bool = False) -
     antialias, as ``Siglip2VisionEmbeddings.resize_positional_embeddings`` resizes the table for every
     image (an area average when shrinking, plain bilinear when enlarging).
     """
-    old = math.isqrt(pos.shape[0])
-    if old == grid:
-        return pos
-    table = pos.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)  # [1, C, g, g]
     if naflex:
-        table = F.interpolate(table, size=(grid, grid), mode="bilinear", align_corners=False, antialias=True)
-    else:
-        table = F.interpolate(table, size=(grid, grid), mode="bicubic", align_corners=False)
-    return table.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)
+        return resize_position_table(pos, (grid, grid), mode="bilinear", antialias=True)
+    return resize_position_table(pos, (grid, grid))
 
 
 def infer_siglip_config(tower: Tensors, source: str = "checkpoint", **overrides: Any) -> VisionConfig:
