@@ -18,7 +18,7 @@ from evl.cli import main
 from evl.engine.timeline import merge_segments, timeline_from_probabilities, write_timeline_files
 from evl.engine.window_pass import plan_video_windows, window_transform
 from evl.models.registry import clip_state_dict, create_clip
-from evl.synth import class_names
+from evl.synth import DIRECTIONS, class_names
 from evl.video.decode import iter_frames, probe, read_frames
 from evl.video.sampling import SamplingConfig, dense_indices, segment_indices
 from evl.video.windows import FrameStore, plan_windows, window_clips
@@ -228,3 +228,48 @@ def test_predict_command_writes_a_timeline(video, tmp_path, capsys):
     stem = "left_then_up"
     for name in ("timeline.json", "segments.csv", "windows.csv", "timeline.png", "overlay.mp4"):
         assert (out / f"{stem}.{name}").is_file(), name
+
+
+# ----------------------------------------------------------------- the whole path, with a known classifier
+
+
+class MotionReader(torch.nn.Module):
+    """A classifier known to be right on the generated videos, so that a timeline over it tests what
+    surrounds the model: it follows the one moving shape through the centroid of what changed between
+    consecutive frames (a circular mean per axis: the shape wraps around the frame's edges) and scores each
+    class by the mean step along its direction. Videos [B, T, 3, S, S] -> logits [B, K]."""
+
+    def __init__(self, predictor):
+        super().__init__()
+        self.vision_config = predictor.model.vision_config
+        names = class_names("motion")
+        self.num_classes = len(names)
+        self.register_buffer("directions", torch.tensor([DIRECTIONS[name] for name in names]))  # (x, y)
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))  # scoring finds the model's device through it
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        change = (video[:, 1:] - video[:, :-1]).abs().sum(dim=2)  # [B, T-1, S, S]
+        change = change * (change > 0.3 * change.amax(dim=(-2, -1), keepdim=True))  # the shape's edges only
+        size = video.shape[-1]
+        angles = torch.arange(size, dtype=video.dtype) * (2 * torch.pi / size)
+        centre = []
+        for axis in (-2, -1):  # x: summed over rows; y: summed over columns
+            weight = change.sum(dim=axis)  # [B, T-1, S]
+            z = torch.complex(weight @ angles.cos(), weight @ angles.sin())
+            centre.append(torch.angle(z) * size / (2 * torch.pi))
+        centre = torch.stack(centre, dim=-1)  # [B, T-1, (x, y)]
+        steps = torch.remainder(centre[:, 1:] - centre[:, :-1] + size / 2, size) - size / 2
+        return self.scale * steps.mean(dim=1) @ self.directions.t()
+
+
+@pytest.mark.parametrize(("window", "stride"), [(2.0, 1.0), (3.0, 0.5)])
+def test_a_change_of_action_lands_within_one_stride_of_the_truth(predictor, video, window, stride):
+    from evl.engine.predict import Predictor
+    from evl.engine.run import LoadedRun
+
+    reader = Predictor(LoadedRun(None, predictor.run.run, MotionReader(predictor), predictor.classes, 0))
+    timeline = reader.timeline(video, window=window, stride=stride)
+    assert [s.name for s in timeline.segments] == ["left", "up"]
+    first, second = timeline.segments
+    assert abs(first.end - CHANGE) <= stride and second.start == first.end
+    assert (first.start, second.end) == (0.0, pytest.approx(2 * CHANGE, abs=1 / FPS))
