@@ -15,9 +15,10 @@ from evl.engine.embed import embed_videos, read_embeddings, read_video_paths
 from evl.engine.methods import METHODS
 from evl.engine.window_pass import plan_video_windows
 from evl.models.registry import clip_state_dict, create_clip
+from evl.synth import write_action_change_video
 from evl.video.decode import probe
 from factories import TINY_BACKBONE
-from long_videos import reference_clip, tiny_predictor, write_action_change_video
+from long_videos import reference_clip, tiny_predictor
 
 FPS = 8.0
 

@@ -18,12 +18,12 @@ from evl.cli import main
 from evl.engine.timeline import merge_segments, timeline_from_probabilities, write_timeline_files
 from evl.engine.window_pass import plan_video_windows, window_transform
 from evl.models.registry import clip_state_dict, create_clip
-from evl.synth import DIRECTIONS, class_names
+from evl.synth import DIRECTIONS, class_names, write_action_change_video
 from evl.video.decode import iter_frames, probe, read_frames
 from evl.video.sampling import SamplingConfig, dense_indices, segment_indices
 from evl.video.windows import FrameStore, plan_windows, window_clips
 from factories import TINY_BACKBONE
-from long_videos import reference_clip, tiny_predictor, write_action_change_video
+from long_videos import reference_clip, tiny_predictor
 
 FPS = 8.0
 CHANGE = 20.0  # seconds of "left", then as many of "up"

@@ -20,12 +20,13 @@ index), so its pixels do not depend on the number of worker processes.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -238,6 +239,47 @@ class _Job:
     size: int
     fps: float
     lossless: bool
+
+
+# Fraction of the frame side a long video's shape moves per frame: about what a synthetic training clip of 10
+# to 32 frames covers per frame, so that windows of a long video look like the clips a run trains on.
+LONG_VIDEO_SPEED = 0.02
+
+
+def action_change_frames(
+    directions: Sequence[str] = ("left", "up"),
+    seconds: Sequence[float] = (20.0, 20.0),
+    fps: float = 8.0,
+    size: int = 48,
+    seed: int = 0,
+    speed: float = LONG_VIDEO_SPEED,
+) -> np.ndarray:
+    """A long, untrimmed motion video: uint8 [T, size, size, 3], ``seconds[i]`` of motion towards
+    ``directions[i]``, one after the other, ``speed`` frame sides per frame.
+
+    Every part is drawn from a generator in the same state, so the shape, its colours and the background
+    stay; the shape carries on from where the previous part left it, and only its direction changes.
+    """
+    noise = np.random.default_rng([seed, 1])
+    parts, start = [], None
+    for direction, length in zip(directions, seconds, strict=True):
+        n = round(length * fps)
+        label = class_names("motion").index(direction)
+        spec = sample_spec("motion", label, n, np.random.default_rng([seed, 0]))
+        velocity = np.asarray(DIRECTIONS[direction]) * speed
+        if start is None:
+            start = np.asarray(spec.center) - (n - 1) / 2 * velocity
+        # ClipSpec's trajectory is centred on its midpoint: place the midpoint so that it starts at ``start``.
+        centre = np.mod(start + (n - 1) / 2 * velocity, 1.0)
+        spec = dataclasses.replace(spec, center=tuple(centre.tolist()), velocity=tuple(velocity.tolist()))
+        parts.append(render_clip(spec, n, size, noise))
+        start = start + n * velocity
+    return np.concatenate(parts)
+
+
+def write_action_change_video(path: str | Path, fps: float = 8.0, **kwargs: Any) -> Path:
+    """:func:`action_change_frames` as an mp4 file at ``fps``."""
+    return write_video(path, action_change_frames(fps=fps, **kwargs), fps=fps)
 
 
 def clip_rng(seed: int, split: str, label: int, index: int) -> np.random.Generator:
