@@ -192,8 +192,7 @@ def test_bad_folders_and_settings_are_one_line_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- command line
-# `evl lists` passes once its parser and handler are in evl/cli.py (they are written out beside this file's
-# change); until then this test fails with "invalid choice: 'lists'".
+# `evl lists` through the command line (parser and handler: evl/cli/data.py).
 
 
 def test_evl_lists_command(dataset, tmp_path, capsys):

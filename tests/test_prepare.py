@@ -292,8 +292,7 @@ def test_list_paths_leaving_the_source_are_refused(source, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- command line
-# `evl prepare` passes once its parser and handler are in evl/cli.py (they are written out beside this
-# file's change); until then this test fails with "invalid choice: 'prepare'".
+# `evl prepare` through the command line (parser and handler: evl/cli/data.py).
 
 
 def test_evl_prepare_command(source, tmp_path, capsys):
