@@ -1,9 +1,11 @@
 """Mixed precision: the decoder under bf16 and fp16 autocast against float32 (forward and every gradient),
-the dtype each custom kernel computes in, precision choices per device, training in half precision, and
-the CLI's one-line refusal of an unknown precision."""
+the dtype each custom kernel computes in, precision choices per device, training in half precision through
+the engine (the scaler resumes) and through the CLI, and the CLI's one-line refusal of an unknown
+precision."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -161,6 +163,13 @@ def test_trains_in_half_precision(dataset, tmp_path, precision):
         # Resuming restores the scaler and continues.
         assert train(half_run(dataset, precision, steps=3), run_dir, progress=False).step == 3
         assert load_checkpoint(run_dir).step == 3
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_cli_trains_in_half_precision(dataset, tmp_path, capsys, precision):
+    assert cli_main(train_args(dataset, tmp_path / precision, precision, steps=1)) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 1 and math.isfinite(summary["final_loss"])
 
 
 def test_cli_rejects_an_unknown_precision_in_one_line(dataset, tmp_path, capsys):
