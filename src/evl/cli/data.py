@@ -1,6 +1,6 @@
 """Commands that write data: ``evl lists`` (train/val lists from a folder of videos), ``evl prepare``
-(videos re-encoded for fast loading), ``evl splits`` (few-shot and base-to-novel lists) and ``evl synth``
-(a synthetic dataset)."""
+(videos re-encoded for fast loading), ``evl splits`` (few-shot, base-to-novel and cross-dataset lists) and
+``evl synth`` (a synthetic dataset)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from evl.cli.exits import EXIT_OK
+from evl.splits import K600_SPLITS
 
 
 def add_lists_parser(sub: argparse._SubParsersAction) -> None:
@@ -134,7 +135,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def add_splits_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("splits", help="few-shot and base-to-novel splits (seeded, deterministic)")
+    p = sub.add_parser(
+        "splits", help="few-shot, base-to-novel and cross-dataset splits (seeded, deterministic)"
+    )
     kinds = p.add_subparsers(dest="kind", required=True)
     few = kinds.add_parser("few-shot", help="K videos per class: LIST_few_shot_K.txt for each K (nested)")
     few.add_argument("--list", required=True, help="the full training list")
@@ -160,6 +163,35 @@ def add_splits_parser(sub: argparse._SubParsersAction) -> None:
     bn.add_argument("--allow-fewer", action="store_true", help="a class with fewer videos keeps them all")
     bn.add_argument("--out-dir", required=True)
     bn.set_defaults(func=_cmd_splits)
+    cd = kinds.add_parser(
+        "cross-dataset",
+        help="splits of another dataset's classes for zero-shot transfer: drawn (the Kinetics-600 way) or "
+        "published (HMDB-51 / UCF-101 test lists); evaluate with 'evl eval RUN --splits DIR'",
+    )
+    source = cd.add_mutually_exclusive_group(required=True)
+    source.add_argument("--list", help="the dataset's full evaluation list, to draw class splits from")
+    source.add_argument(
+        "--split-lists", nargs="+", metavar="LIST", help="published splits: one list per split, kept as is"
+    )
+    cd.add_argument("--classes", help="class names of --list (or of every --split-lists list)")
+    cd.add_argument(
+        "--split-classes", nargs="+", metavar="FILE", help="with --split-lists: one class-names file per list"
+    )
+    cd.add_argument(
+        "--exclude-classes",
+        metavar="FILE",
+        help="with --list: classes the model was trained on (e.g. Kinetics-400's), left out by name",
+    )
+    cd.add_argument("--num-splits", type=int, help=f"with --list (default {K600_SPLITS['num_splits']})")
+    cd.add_argument(
+        "--classes-per-split", type=int, help=f"with --list (default {K600_SPLITS['classes_per_split']})"
+    )
+    cd.add_argument("--seed", type=int, help="with --list: seed of the class draws (default 0)")
+    cd.add_argument(
+        "--data-root", help="folder the lists' paths are relative to: recorded as 'evl eval --splits' default"
+    )
+    cd.add_argument("--out-dir", required=True)
+    cd.set_defaults(func=_cmd_cross_dataset)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -194,6 +226,46 @@ def _cmd_splits(args: argparse.Namespace) -> int:
             num_base=args.num_base,
             base_classes=args.base_classes,
             allow_fewer=args.allow_fewer,
+        )
+    for path in paths:
+        print(path)
+    return EXIT_OK
+
+
+# Flags of each way of making a cross-dataset set that the other way does not take.
+_DRAW_ONLY = ("exclude_classes", "num_splits", "classes_per_split", "seed")
+_PUBLISHED_ONLY = ("split_classes",)
+
+
+def _cmd_cross_dataset(args: argparse.Namespace) -> int:
+    from evl.splits import write_cross_dataset_lists, write_published_splits
+
+    def refuse(names: tuple[str, ...], other: str) -> None:
+        given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not taken with {other}")
+
+    if args.list is not None:
+        refuse(_PUBLISHED_ONLY, "--list")
+        if args.classes is None:
+            raise ValueError("--list needs --classes (the class names its labels index)")
+        settings = {k: getattr(args, k) for k in ("num_splits", "classes_per_split", "seed")}
+        paths = write_cross_dataset_lists(
+            args.list,
+            args.classes,
+            args.out_dir,
+            exclude_classes=args.exclude_classes,
+            data_root=args.data_root,
+            **{k: v for k, v in settings.items() if v is not None},
+        )
+    else:
+        refuse(_DRAW_ONLY, "--split-lists")
+        paths = write_published_splits(
+            args.split_lists,
+            args.out_dir,
+            classes=args.classes,
+            split_classes=args.split_classes,
+            data_root=args.data_root,
         )
     for path in paths:
         print(path)
