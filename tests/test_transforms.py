@@ -13,6 +13,8 @@ from evl.video.transforms import (
     TransformConfig,
     build_eval_transform,
     build_train_transform,
+    color_jitter_params,
+    multi_scale_crop_params,
     normalize,
     random_resized_crop_params,
     resize_short_side,
@@ -252,3 +254,156 @@ def test_train_transform_on_a_full_size_clip():
     transform = build_train_transform(TransformConfig(mean=CLIP_MEAN, std=CLIP_STD))
     out, _ = transform(_clip(8, 256, 340), 0, torch.Generator().manual_seed(0))
     assert out.shape == (8, 3, 224, 224) and math.isfinite(out.abs().max().item())
+
+
+# ------------------------------------------------------------------ X-CLIP / ViFi-CLIP augmentation
+
+
+def test_with_the_new_steps_off_the_samples_are_todays_exactly():
+    # Today's pipeline written out: RandAugment, Inception crop, flip, normalisation, in this draw order.
+    from evl.video.randaugment import parse_rand_augment, rand_augment
+    from evl.video.transforms import horizontal_flip, resized_crop
+
+    cfg = _config()
+    clip = _clip(4, 37, 53)
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        frames = rand_augment(to_tchw(torch.from_numpy(clip)), parse_rand_augment(cfg.rand_augment), g)
+        box = random_resized_crop_params(37, 53, cfg.train_scale, cfg.train_ratio, generator=g)
+        frames = resized_crop(frames, *box, cfg.size)
+        if torch.rand((), generator=g).item() < cfg.flip_prob:
+            frames = horizontal_flip(frames)
+        expected = normalize(frames, cfg.mean, cfg.std)
+        # Strengths alone change nothing while the probabilities are 0.
+        for transform in (_config(), _config(color_jitter_strength=(0.9, 0.9, 0.9, 0.4))):
+            out, _ = build_train_transform(transform)(clip, 0, torch.Generator().manual_seed(seed))
+            assert torch.equal(out, expected)
+
+
+def test_multi_scale_crop_sizes_and_offsets_are_the_allowed_ones():
+    height, width = 240, 320
+    sizes = [int(240 * s) for s in (1.0, 0.875, 0.75, 0.66)]  # 240, 210, 180, 158
+    g = torch.Generator().manual_seed(0)
+    seen_pairs, seen_offsets = set(), set()
+    for _ in range(600):
+        top, left, h, w = multi_scale_crop_params(height, width, generator=g)
+        assert h in sizes and w in sizes and abs(sizes.index(h) - sizes.index(w)) <= 1  # max distort 1
+        h_step, w_step = (height - h) // 4, (width - w) // 4
+        corners = {
+            (0, 0),
+            (0, 4 * w_step),
+            (4 * h_step, 0),
+            (4 * h_step, 4 * w_step),
+            (2 * h_step, 2 * w_step),
+        }
+        assert (top, left) in corners
+        assert top + h <= height and left + w <= width
+        seen_pairs.add((h, w))
+        if h_step and w_step:  # offsets in quarter steps of the slack
+            seen_offsets.add((top // h_step, left // w_step))
+    assert len(seen_pairs) == 10  # 4 square + 6 neighbouring pairs, each drawn
+    assert seen_offsets == {(0, 0), (0, 4), (4, 0), (4, 4), (2, 2)}  # 4 corners and the centre
+
+
+def test_multi_scale_crop_in_the_train_transform():
+    transform = build_train_transform(_config(multi_scale_crop=(1.0, 0.875, 0.75, 0.66), rand_augment=None))
+    out, _ = transform(_clip(3, 37, 53), 0, torch.Generator().manual_seed(0))
+    assert out.shape == (3, 3, 17, 17)
+    # One scale and the square size: the crop is a square of the short side at a corner or the centre.
+    whole = build_train_transform(
+        TransformConfig(size=20, multi_scale_crop=(1.0,), rand_augment=None, flip=False, **RAW)
+    )
+    clip = _gradient(20, 28)
+    lefts = set()
+    for seed in range(30):
+        out, _ = whole(clip, 0, torch.Generator().manual_seed(seed))
+        lefts.add(out[0, 0, 0, 0].item())
+        torch.testing.assert_close(out[0, 0, 0], torch.arange(20.0) + out[0, 0, 0, 0])
+    assert lefts == {0.0, 4.0, 8.0}  # steps of (28 - 20) // 4 = 2: left edge, centre, right edge
+
+
+def test_color_jitter_params_are_a_random_order_within_the_strengths():
+    g = torch.Generator().manual_seed(0)
+    orders = set()
+    for _ in range(100):
+        params = color_jitter_params((0.4, 0.4, 0.2, 0.1), g)
+        names = [name for name, _ in params]
+        assert sorted(names) == ["brightness", "contrast", "hue", "saturation"]
+        orders.add(tuple(names))
+        factors = dict(params)
+        assert 0.6 <= factors["brightness"] <= 1.4 and 0.6 <= factors["contrast"] <= 1.4
+        assert 0.8 <= factors["saturation"] <= 1.2 and -0.1 <= factors["hue"] <= 0.1
+    assert len(orders) > 12
+    assert [name for name, _ in color_jitter_params((0.4, 0.0, 0.0, 0.1), g)] in (
+        ["brightness", "hue"],
+        ["hue", "brightness"],
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"color_jitter": 1.0},
+        {"grayscale": 1.0},
+        {"color_jitter": 0.8, "grayscale": 0.2, "multi_scale_crop": (1.0, 0.875, 0.75, 0.66)},
+    ],
+)
+def test_color_jitter_and_greyscale_are_the_same_for_every_frame_and_reproducible(overrides):
+    clip = np.repeat(_clip(1), 4, axis=0)
+    transform = build_train_transform(_config(**overrides))
+    plain = build_train_transform(_config())
+    changed = 0
+    for seed in range(8):
+        out, _ = transform(clip, 0, torch.Generator().manual_seed(seed))
+        for t in range(1, 4):
+            assert torch.equal(out[0], out[t])
+        again, _ = transform(clip, 0, torch.Generator().manual_seed(seed))
+        assert torch.equal(out, again)
+        changed += not torch.equal(out, plain(clip, 0, torch.Generator().manual_seed(seed))[0])
+    assert changed >= 6  # with these probabilities, most clips differ from the plain pipeline's
+
+
+def test_greyscale_makes_the_channels_equal_and_jitter_changes_colours():
+    clip = _clip(2, 20, 20)
+    grey = build_train_transform(_identity_crop_config(grayscale=1.0, flip=False))
+    out, _ = grey(clip, 0, torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])
+    luma = (0.299 * clip[..., 0] + 0.587 * clip[..., 1] + 0.114 * clip[..., 2]).round()
+    torch.testing.assert_close(out[:, 0], torch.from_numpy(luma).float())
+    jitter = build_train_transform(_identity_crop_config(color_jitter=1.0, flip=False))
+    out, _ = jitter(clip, 0, torch.Generator().manual_seed(0))
+    assert out.min() >= 0 and out.max() <= 255
+    assert not torch.allclose(out, torch.from_numpy(clip).permute(0, 3, 1, 2).float(), atol=1.0)
+
+
+def test_adjust_hue_turns_the_colour_wheel():
+    from evl.video.randaugment import adjust_hue
+
+    red = torch.tensor([255.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    green, blue = torch.tensor([0.0, 255.0, 0.0]), torch.tensor([0.0, 0.0, 255.0])
+    torch.testing.assert_close(adjust_hue(red, 1 / 3).flatten(), green, atol=1e-3, rtol=0)
+    torch.testing.assert_close(adjust_hue(red, -1 / 3).flatten(), blue, atol=1e-3, rtol=0)
+    x = torch.from_numpy(_clip(2, 5, 6)).permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(adjust_hue(x, 0.0), x, atol=1e-3, rtol=0)
+    torch.testing.assert_close(adjust_hue(adjust_hue(x, 0.1), -0.1), x, atol=1e-3, rtol=0)
+    grey = x[:, :1].expand_as(x)
+    torch.testing.assert_close(adjust_hue(grey, 0.3), grey, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"multi_scale_crop": ()},
+        {"multi_scale_crop": (1.0, 1.2)},
+        {"color_jitter": 1.5},
+        {"grayscale": -0.1},
+        {"color_jitter_strength": (0.4, 0.4, 0.2, 0.6)},
+    ],
+)
+def test_augmentation_settings_are_checked(overrides):
+    with pytest.raises(ValueError, match=next(iter(overrides))):
+        _config(**overrides)
+    from evl.config import DataConfig
+
+    with pytest.raises(ValueError, match=f"data.{next(iter(overrides))}"):
+        DataConfig(**overrides)

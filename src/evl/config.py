@@ -20,6 +20,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # SigLIP and SigLIP 2 take pixels scaled to [-1, 1]
 
+# X-CLIP's and ViFi-CLIP's training augmentation (their shared data pipeline): the multi-scale crop's side
+# lengths as fractions of the short side (mmaction2 ``MultiScaleCrop``), and the colour jitter's brightness,
+# contrast, saturation and hue (torchvision ``ColorJitter(0.4, 0.4, 0.2, 0.1)``).
+MULTI_SCALE_CROP = (1.0, 0.875, 0.75, 0.66)
+COLOR_JITTER_STRENGTH = (0.4, 0.4, 0.2, 0.1)
+
 
 class SettingError(ValueError):
     """A run setting that is missing or does not fit. ``field`` names it as the run config does
@@ -387,6 +393,28 @@ class BackboneSpec:
         check_precision(self.dtype, "backbone.dtype")
 
 
+def check_augmentation(
+    multi_scale_crop: tuple[float, ...] | None,
+    color_jitter: float,
+    color_jitter_strength: tuple[float, ...],
+    grayscale: float,
+    prefix: str = "data.",
+) -> None:
+    """ValueError (one line, fields named after ``prefix``) for clip augmentations that cannot work."""
+    if multi_scale_crop is not None and not (multi_scale_crop and all(0 < s <= 1 for s in multi_scale_crop)):
+        raise ValueError(
+            f"{prefix}multi_scale_crop needs fractions of the short side in (0, 1], got {multi_scale_crop}"
+        )
+    for name, p in (("color_jitter", color_jitter), ("grayscale", grayscale)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{prefix}{name} is a probability in [0, 1], got {p}")
+    if len(color_jitter_strength) != 4 or min(color_jitter_strength) < 0 or color_jitter_strength[3] > 0.5:
+        raise ValueError(
+            f"{prefix}color_jitter_strength is (brightness, contrast, saturation, hue), each >= 0 and hue "
+            f"<= 0.5, got {color_jitter_strength}"
+        )
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where videos come from and how clips are cut and augmented."""
@@ -404,6 +432,14 @@ class DataConfig:
     flip_label_map: str | None = None  # JSON file {"class a": "class b", ...} for direction-sensitive labels
     rand_augment: str | None = "rand-m7-n4-mstd0.5-inc1"
     train_scale: tuple[float, float] = (0.08, 1.0)
+    # Training crop: null, the Inception random-resized crop (train_scale); fractions of the short side, the
+    # multi-scale crop of X-CLIP and ViFi-CLIP ([1.0, 0.875, 0.75, 0.66]) at a corner or the centre.
+    multi_scale_crop: tuple[float, ...] | None = None
+    # Per clip, the probability of colour jitter (X-CLIP / ViFi-CLIP: 0.8) by up to color_jitter_strength
+    # (brightness, contrast, saturation, hue), and of greyscale (0.2); 0 is off. The same for all frames.
+    color_jitter: float = 0.0
+    color_jitter_strength: tuple[float, float, float, float] = COLOR_JITTER_STRENGTH
+    grayscale: float = 0.0
     num_workers: int | None = None  # data-loader workers per process; None: from the CPU count
     on_bad_video: str = "skip"  # skip (counted, logged to the run directory) | error
     # Feature caches made by `evl extract`: train (and validate) the decoder without running the backbone.
@@ -417,6 +453,9 @@ class DataConfig:
             raise ValueError(f"data.on_bad_video must be 'skip' or 'error', got {self.on_bad_video!r}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0 or null, got {self.num_workers}")
+        check_augmentation(
+            self.multi_scale_crop, self.color_jitter, self.color_jitter_strength, self.grayscale
+        )
 
 
 @dataclass(frozen=True)
@@ -449,6 +488,12 @@ class TrainConfig:
     head_lr_scale: float = 1.0
     on_nonfinite: str = "stop"  # a NaN/inf loss: stop (the last good checkpoint stays) | skip the update
     label_smoothing: float = 0.0  # X-CLIP and ViFi-CLIP train with 0.1
+    # Mixup and CutMix of each micro-batch with its own reverse (timm's Mixup), trained with soft targets:
+    # the Beta(alpha, alpha) of each, 0 turning it off; with both on, CutMix is taken with probability
+    # mix_switch_prob. X-CLIP and ViFi-CLIP: 0.8, 1.0 and 0.5. Both 0 (the default): plain cross-entropy.
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_switch_prob: float = 0.5
     betas: tuple[float, float] | None = None  # AdamW betas; None: the method's (EVL 0.999, X-CLIP/ViFi 0.98)
     # torch.compile the training forward and backward: minutes of compilation first; on CUDA it can fuse the
     # decoder's memory-bound passes, on CPU it measured slower (benchmarks/README.md), so off by default.
@@ -459,6 +504,10 @@ class TrainConfig:
             raise ValueError("train.steps, train.batch_size and train.batch_split must be >= 1")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError(f"train.mixup and train.cutmix must be >= 0, got {self.mixup}, {self.cutmix}")
+        if not 0.0 <= self.mix_switch_prob <= 1.0:
+            raise ValueError(f"train.mix_switch_prob must be in [0, 1], got {self.mix_switch_prob}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         check_precision(self.precision, "train.precision")

@@ -9,6 +9,15 @@ from __future__ import annotations
 
 import argparse
 
+
+def float_list(text: str) -> list[float]:
+    """A comma-separated list of numbers, as ``--multi-scale-crop 1,0.875,0.75,0.66`` takes it."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
 # Plain flags of `evl train`: (flag, run-config field, type, help).
 TRAIN_FLAGS = [
     ("--method", "method.name", str, "evl (default) | vifi | xclip | zeroshot"),
@@ -33,6 +42,23 @@ TRAIN_FLAGS = [
     ("--lr", "train.lr", float, "peak learning rate"),
     ("--weight-decay", "train.weight_decay", float, "AdamW weight decay"),
     ("--label-smoothing", "train.label_smoothing", float, "cross-entropy label smoothing"),
+    ("--mixup", "train.mixup", float, "Mixup Beta(a, a) of each micro-batch, 0 off (X-CLIP/ViFi: 0.8)"),
+    ("--cutmix", "train.cutmix", float, "CutMix Beta(a, a) of each micro-batch, 0 off (X-CLIP/ViFi: 1.0)"),
+    ("--mix-switch-prob", "train.mix_switch_prob", float, "with both on, the probability of CutMix"),
+    (
+        "--multi-scale-crop",
+        "data.multi_scale_crop",
+        float_list,
+        "multi-scale training crop instead of the random-resized one: fractions of the short side, "
+        "e.g. 1,0.875,0.75,0.66 (X-CLIP/ViFi)",
+    ),
+    (
+        "--color-jitter",
+        "data.color_jitter",
+        float,
+        "probability of a clip's colour jitter (X-CLIP/ViFi: 0.8)",
+    ),
+    ("--grayscale", "data.grayscale", float, "probability of a grey training clip (X-CLIP/ViFi: 0.2)"),
     ("--warmup-steps", "train.warmup_steps", int, "linear warm-up steps"),
     ("--precision", "train.precision", str, "decoder autocast: auto | float32 | bfloat16 | float16"),
     ("--eval-every", "train.eval_every", int, "validate every N steps"),

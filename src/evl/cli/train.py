@@ -62,6 +62,17 @@ def _is_first_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+# Data settings extraction has no use for: it reads videos, not caches, and one fixed view of each
+# (centre clip, centre crop) with no training augmentation.
+_NOT_FOR_EXTRACTION = (
+    "data.features",
+    "data.val_features",
+    "data.multi_scale_crop",
+    "data.color_jitter",
+    "data.grayscale",
+)
+
+
 def add_extract_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "extract",
@@ -79,10 +90,7 @@ def add_extract_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     for flag, field, type_, help_ in TRAIN_FLAGS:
-        if not field.startswith(("train.", "method.")) and field not in (
-            "data.features",
-            "data.val_features",
-        ):
+        if not field.startswith(("train.", "method.")) and field not in _NOT_FOR_EXTRACTION:
             p.add_argument(flag, dest=field_dest(field), type=type_, help=help_)
     p.set_defaults(func=_cmd_extract)
 

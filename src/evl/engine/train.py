@@ -54,6 +54,7 @@ from evl.engine.train_state import make_train_state, restore_train_state
 from evl.io import atomic_write_text
 from evl.video.dataset import StreamSampler, TrainClips, collate_train
 from evl.video.lists import VideoEntry, read_class_names, read_list
+from evl.video.mixing import BatchMixing
 from evl.video.sampling import SamplingConfig
 from evl.video.transforms import TransformConfig, build_train_transform
 
@@ -162,6 +163,10 @@ def training_data(
             flip=data.flip,
             rand_augment=data.rand_augment,
             train_scale=tuple(data.train_scale),
+            multi_scale_crop=data.multi_scale_crop,
+            color_jitter=data.color_jitter,
+            color_jitter_strength=data.color_jitter_strength,
+            grayscale=data.grayscale,
         ),
         flip_label_map=read_flip_label_map(run, classes),
     )
@@ -229,6 +234,13 @@ def _train(
             f"data.features: feature caches hold what EVL's decoder reads; method {run.method.name} "
             "trains on videos",
         )
+    mixing = BatchMixing.from_config(cfg)
+    if mixing is not None and data.features:
+        raise SettingError(
+            "train.mixup",
+            "train.mixup and train.cutmix mix the pixels of clips, which a feature cache (data.features) "
+            "does not hold: set both to 0 to train from features",
+        )
     classes, train_entries, val_entries = load_lists(run)
     if data.features and env.is_main:
         adopt_cached_backbone(data.features, run_dir)
@@ -270,6 +282,9 @@ def _train(
         optimizer,
         compute_dtype=compute_dtype,
         label_smoothing=cfg.label_smoothing,
+        # Each process mixes its own micro-batches, keyed by their first stream positions: a resumed run
+        # mixes as the uninterrupted one did (see evl.video.mixing for what torchrun changes).
+        mixing=mixing,
         batch_split=cfg.batch_split,
         distributed=env.enabled,
         batch_size=cfg.batch_size,
@@ -443,8 +458,9 @@ def evaluate_sharded(
 
 def _micro_batches(
     batches: Iterator[dict], count: int, dev: torch.device, run_dir: Path
-) -> Iterator[tuple[Any, torch.Tensor]]:
-    """The next ``count`` loader batches as (inputs, labels) on ``dev``, drawn one at a time."""
+) -> Iterator[tuple[Any, torch.Tensor, int | None]]:
+    """The next ``count`` loader batches as (inputs, labels, stream position of the first clip) on ``dev``,
+    drawn one at a time; the position keys the batch's mixing (None for cached features, never mixed)."""
     for _ in range(count):
         batch = next(batches)
         if batch["skipped"]:
@@ -455,8 +471,9 @@ def _micro_batches(
             if "features" in batch
             else batch["video"].to(dev, non_blocking=True)
         )
+        position = int(batch["position"][0]) if "position" in batch else None
         del batch
-        yield inputs, labels
+        yield inputs, labels, position
         del inputs, labels  # released before the next batch is drawn
 
 

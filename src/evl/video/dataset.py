@@ -93,7 +93,8 @@ class StreamOrder:
 class TrainClips(Dataset):
     """Stream position -> one augmented clip.
 
-    Item: ``{"video": float32 [T, 3, S, S], "label": int, "index": int, "skipped": [SkippedVideo]}``.
+    Item: ``{"video": float32 [T, 3, S, S], "label": int, "index": int, "position": int,
+    "skipped": [SkippedVideo]}``; ``position`` is the stream position, which keys the batch's mixing.
     """
 
     def __init__(
@@ -137,7 +138,13 @@ class TrainClips(Dataset):
                 skipped.append(SkippedVideo(printable_path(path), str(err)))
                 continue
             video, label = self.transform(clips[0], entry.label, generator)
-            return {"video": video, "label": label, "index": index, "skipped": skipped}
+            return {
+                "video": video,
+                "label": label,
+                "index": index,
+                "position": position,
+                "skipped": skipped,
+            }
         raise VideoDecodeError(
             f"{attempts} videos in a row could not be decoded (is the data root right?); "
             f"the last: {skipped[-1].reason}"
@@ -206,6 +213,7 @@ def collate_train(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "video": torch.stack([it["video"] for it in items]),
         "label": torch.tensor([it["label"] for it in items]),
+        "position": torch.tensor([it["position"] for it in items]),
         "skipped": [s for it in items for s in it["skipped"]],
     }
 

@@ -106,6 +106,45 @@ def adjust_brightness(x: torch.Tensor, factor: float) -> torch.Tensor:
     return (x * factor).clamp(0.0, 255.0)
 
 
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """PIL ``convert("L")`` and back to RGB (torchvision ``Grayscale(num_output_channels=3)``): every
+    channel becomes the frame's luma. [T, 3, H, W] -> [T, 3, H, W]."""
+    return _grayscale(x).expand_as(x).clone()
+
+
+def adjust_hue(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Turn every pixel's hue by ``factor`` of a full turn (in [-0.5, 0.5]), keeping saturation and value.
+
+    RGB -> HSV -> RGB in floating point, as torchvision's tensor ``adjust_hue``. NOTE(ref): the references
+    jitter PIL images, whose HSV planes are 8-bit; the hues here are not quantised to 256 levels.
+    """
+    rgb = x / 255.0
+    r, g, b = rgb.unbind(dim=-3)
+    value = rgb.amax(dim=-3)
+    delta = value - rgb.amin(dim=-3)
+    saturation = torch.where(value > 0, delta / value.clamp(min=1e-12), 0.0)
+    # Hue in sixths of a turn from whichever channel is largest; grey pixels (delta 0) have hue 0.
+    safe = torch.where(delta > 0, delta, 1.0)
+    rc, gc, bc = (value - r) / safe, (value - g) / safe, (value - b) / safe
+    hue = torch.where(value == r, bc - gc, torch.where(value == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(delta > 0, (hue / 6.0) % 1.0, 0.0)
+    hue = (hue + factor) % 1.0
+    sector = hue * 6.0
+    i = torch.floor(sector)
+    f = sector - i
+    i = i.long() % 6
+    p = value * (1.0 - saturation)
+    q = value * (1.0 - saturation * f)
+    t = value * (1.0 - saturation * (1.0 - f))
+    # Per sector of the hue circle, which of (value, q, p, t) each output channel takes.
+    table = torch.stack([value, q, p, t])  # [4, T, H, W]
+    picks = torch.tensor(  # sector -> the picks of r, g, b
+        [[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]], device=x.device
+    )
+    channels = [table.gather(0, picks[:, c][i].unsqueeze(0)).squeeze(0) for c in range(3)]
+    return (torch.stack(channels, dim=-3) * 255.0).clamp(0.0, 255.0)
+
+
 def adjust_sharpness(x: torch.Tensor, factor: float) -> torch.Tensor:
     """PIL ``ImageEnhance.Sharpness``: blend with the ``SMOOTH``-filtered frame (PIL keeps the border)."""
     if min(x.shape[-2:]) < 3:

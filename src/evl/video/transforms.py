@@ -1,7 +1,9 @@
 """Spatial transforms for video clips, with the same random parameters for every frame of a clip.
 
-Train: RandAugment on the full-resolution frames -> Inception random-resized crop to ``size`` -> horizontal
-flip (with an optional label remap for direction-sensitive classes) -> ``/255`` and normalisation.
+Train: RandAugment on the full-resolution frames -> Inception random-resized crop (or X-CLIP's multi-scale
+crop) to ``size`` -> horizontal flip (with an optional label remap for direction-sensitive classes) -> colour
+jitter -> greyscale -> ``/255`` and normalisation. Each step is optional; by default RandAugment, the
+Inception crop and the flip are on, colour jitter and greyscale off.
 Eval: resize the short side to ``size`` -> 1 centre crop or 3 crops along the long side -> normalisation.
 
 Clips enter as the decoder's uint8 [T, H, W, 3] (numpy or torch) and leave as float32 [T, 3, S, S]
@@ -20,15 +22,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evl.config import VisionConfig
-from evl.video.randaugment import RandAugmentConfig, parse_rand_augment, rand_augment
+from evl.config import COLOR_JITTER_STRENGTH, MULTI_SCALE_CROP, VisionConfig, check_augmentation
+from evl.video.randaugment import (
+    RandAugmentConfig,
+    adjust_brightness,
+    adjust_color,
+    adjust_contrast,
+    adjust_hue,
+    parse_rand_augment,
+    rand_augment,
+)
+from evl.video.randaugment import grayscale as to_grayscale
 
 Clip = np.ndarray | torch.Tensor
 
 
 @dataclass(frozen=True, kw_only=True)
 class TransformConfig:
-    """Spatial preprocessing. ``mean`` and ``std`` (per RGB channel, for [0, 1] pixels) have no default."""
+    """Spatial preprocessing. ``mean`` and ``std`` (per RGB channel, for [0, 1] pixels) have no default.
+
+    Training crop: ``multi_scale_crop`` None takes the Inception random-resized crop (``train_scale``,
+    ``train_ratio``); a tuple of fractions of the short side takes the multi-scale crop. ``color_jitter`` and
+    ``grayscale`` are the probabilities that a clip is jittered (by up to ``color_jitter_strength``:
+    brightness, contrast, saturation, hue) or turned grey; 0 leaves them out.
+    """
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -39,6 +56,10 @@ class TransformConfig:
     flip_prob: float = 0.5
     rand_augment: str | None = "rand-m7-n4-mstd0.5-inc1"
     num_spatial_views: int = 1
+    multi_scale_crop: tuple[float, ...] | None = None
+    color_jitter: float = 0.0
+    color_jitter_strength: tuple[float, float, float, float] = COLOR_JITTER_STRENGTH
+    grayscale: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -63,6 +84,13 @@ class TransformConfig:
             )
         if self.rand_augment is not None:
             parse_rand_augment(self.rand_augment)  # fail at construction, not in a data-loader worker
+        check_augmentation(
+            self.multi_scale_crop,
+            self.color_jitter,
+            self.color_jitter_strength,
+            self.grayscale,
+            prefix="TransformConfig: ",
+        )
 
     @classmethod
     def from_backbone(cls, backbone: VisionConfig, **overrides: Any) -> TransformConfig:
@@ -121,6 +149,65 @@ def random_resized_crop_params(
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+def multi_scale_crop_params(
+    height: int,
+    width: int,
+    scales: tuple[float, ...] = MULTI_SCALE_CROP,
+    max_distort: int = 1,
+    *,
+    generator: torch.Generator,
+) -> tuple[int, int, int, int]:
+    """Multi-scale crop box ``(top, left, crop_height, crop_width)``, as mmaction2's ``MultiScaleCrop`` with
+    ``random_crop=False`` and 5 fixed crops (X-CLIP's and ViFi-CLIP's training crop).
+
+    Height and width are each ``int(short side * scale)`` for scales at most ``max_distort`` places apart in
+    ``scales`` (so the aspect ratio stays near 1), drawn uniformly among those pairs; the box then sits at
+    one of the 4 corners or the centre, drawn uniformly, on a grid of quarter steps of the slack.
+    """
+    base = min(height, width)
+    sizes = [int(base * s) for s in scales]
+    pairs = [(h, w) for i, h in enumerate(sizes) for j, w in enumerate(sizes) if abs(i - j) <= max_distort]
+    # NOTE(ref): the reference resizes frames to a short side of 256 (for 224 px inputs) first and snaps a
+    # side within 2 px of 224 to 224. We crop the decoded frames and resize once; at the reference's scale
+    # the snap only ever meets 0.875 * 256, which is 224 already, so it is left out.
+    crop_h, crop_w = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
+    h_step, w_step = (height - crop_h) // 4, (width - crop_w) // 4
+    offsets = [(0, 0), (0, 4 * w_step), (4 * h_step, 0), (4 * h_step, 4 * w_step), (2 * h_step, 2 * w_step)]
+    top, left = offsets[int(torch.randint(len(offsets), (1,), generator=generator))]
+    return top, left, crop_h, crop_w
+
+
+def color_jitter_params(
+    strength: tuple[float, float, float, float], generator: torch.Generator
+) -> list[tuple[str, float]]:
+    """One clip's colour jitter, as torchvision ``ColorJitter.get_params``: the four adjustments in a random
+    order, with factors uniform in [max(0, 1 - s), 1 + s] (brightness, contrast, saturation) and
+    [-s, s] (hue). Returns ``[(name, factor), ...]`` in the order to apply."""
+    names = ("brightness", "contrast", "saturation", "hue")
+    order = torch.randperm(4, generator=generator).tolist()
+    factors = {}
+    for name, s in zip(names, strength, strict=True):
+        lo, hi = (-s, s) if name == "hue" else (max(0.0, 1.0 - s), 1.0 + s)
+        factors[name] = lo + (hi - lo) * torch.rand((), generator=generator, dtype=torch.float64).item()
+    # A zero strength leaves its adjustment out, as torchvision does for a None range.
+    return [(names[i], factors[names[i]]) for i in order if strength[i] > 0]
+
+
+_COLOR_OPS = {
+    "brightness": adjust_brightness,  # PIL ImageEnhance.Brightness, as torchvision on PIL images
+    "contrast": adjust_contrast,  # ImageEnhance.Contrast (the mean luma of each frame)
+    "saturation": adjust_color,  # ImageEnhance.Color
+    "hue": adjust_hue,
+}
+
+
+def color_jitter(clip: torch.Tensor, params: list[tuple[str, float]]) -> torch.Tensor:
+    """Apply :func:`color_jitter_params`' adjustments to every frame. Float [T, 3, H, W] in [0, 255]."""
+    for name, factor in params:
+        clip = _COLOR_OPS[name](clip, factor)
+    return clip
 
 
 def resized_crop(clip: torch.Tensor, top: int, left: int, height: int, width: int, size: int) -> torch.Tensor:
@@ -188,7 +275,9 @@ def spatial_crops(clip: torch.Tensor, size: int, num_views: int) -> torch.Tensor
 class TrainTransform:
     """``(clip uint8 [T, H, W, 3], label, generator) -> (float32 [T, 3, S, S], label)``.
 
-    Random draws, in order and all from ``generator``: RandAugment, crop box, flip.
+    Random draws, in order and all from ``generator``: RandAugment, crop box, flip, colour jitter, greyscale.
+    A step that is off draws nothing, so the default settings draw (and return) what they always did. Every
+    draw is made once per clip: all its frames get the same crop, flip, jitter and greyscale.
     A plain class rather than a closure so that data-loader workers can pickle it.
     """
 
@@ -205,14 +294,27 @@ class TrainTransform:
         if self.rand_augment is not None:
             # NOTE(ref): RandAugment sees the full-resolution frames before cropping, as the official loader.
             frames = rand_augment(frames, self.rand_augment, generator)
-        box = random_resized_crop_params(
-            frames.shape[-2], frames.shape[-1], cfg.train_scale, cfg.train_ratio, generator=generator
-        )
+        height, width = frames.shape[-2:]
+        if cfg.multi_scale_crop is not None:
+            # NOTE(ref): as X-CLIP / ViFi-CLIP, the box is resized to size x size whatever its aspect ratio.
+            box = multi_scale_crop_params(height, width, cfg.multi_scale_crop, generator=generator)
+        else:
+            box = random_resized_crop_params(
+                height, width, cfg.train_scale, cfg.train_ratio, generator=generator
+            )
         frames = resized_crop(frames, *box, cfg.size)
         # The official loader stores a mirror flag but never flips; we flip, as the paper's recipe says.
         if cfg.flip and torch.rand((), generator=generator).item() < cfg.flip_prob:
             frames = horizontal_flip(frames)
             label = self.flip_label_map.get(label, label)
+        # Colour ops after the crop: on size x size frames, as the references (and cheaper than full size).
+        # NOTE(ref): X-CLIP / ViFi-CLIP call torchvision's ColorJitter once per frame, so each frame of a clip
+        # gets its own factors and order (a flicker no video has); we draw them once per clip, as every other
+        # augmentation here. Greyscale is all-or-nothing per clip in both.
+        if cfg.color_jitter > 0 and torch.rand((), generator=generator).item() < cfg.color_jitter:
+            frames = color_jitter(frames, color_jitter_params(cfg.color_jitter_strength, generator))
+        if cfg.grayscale > 0 and torch.rand((), generator=generator).item() < cfg.grayscale:
+            frames = to_grayscale(frames)
         # The official loader normalises before cropping; crop and bilinear resize are linear, so normalising
         # the smaller cropped clip gives the same values for less work.
         return normalize(frames, cfg.mean, cfg.std).contiguous(), label
