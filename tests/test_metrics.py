@@ -18,7 +18,8 @@ from evl.engine.metrics import (
     label_ranks,
     mean_class_accuracy,
     read_scores,
-    search_ensemble_weight,
+    search_ensemble_weights,
+    simplex_grid,
     topk_accuracy,
     write_scores,
 )
@@ -127,18 +128,53 @@ def test_ensemble_scores_weighted_average():
     np.testing.assert_allclose(ensemble_scores([a, b], [3, 1]), [[0.75, 0.25]])
     with pytest.raises(ValueError):
         ensemble_scores([a, np.zeros((1, 3))])
+    for bad in ([2, -1], [0, 0], [1, float("nan")], [1]):  # negative, zero sum, NaN, one too few
+        with pytest.raises(ValueError, match="non-negative numbers with a positive sum"):
+            ensemble_scores([a, b], bad)
 
 
-def test_search_ensemble_weight():
+def test_simplex_grid():
+    two = simplex_grid(2, 0.1)
+    assert two.tolist()[:5] == [[0.5, 0.5], [0.6, 0.4], [0.4, 0.6], [0.7, 0.3], [0.3, 0.7]]
+    assert sorted(two[:, 0].tolist()) == [n / 10 for n in range(11)]  # exact: n / 10, not accumulated
+    three = simplex_grid(3, 0.1)
+    assert len(three) == 66 and len({tuple(r) for r in three.tolist()}) == 66  # C(12, 2)
+    np.testing.assert_allclose(three.sum(axis=1), 1.0)
+    assert three[0].tolist() == [0.4, 0.3, 0.3]  # the most even, then more weight on earlier members
+    assert simplex_grid(3, 0.5).tolist()[:3] == [[0.5, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.5]]
+    with pytest.raises(ValueError, match="must divide 1"):
+        simplex_grid(2, 0.3)
+    with pytest.raises(ValueError, match="coarser step"):
+        simplex_grid(6, 0.01)
+
+
+def test_search_ensemble_weights():
     labels = np.array([0, 1])
     # Model a is right only on video 0, model b only on video 1, each more confident where it is right,
     # so mixing gets both: w*a + (1-w)*b is right on video 0 iff w > 3/11, on video 1 iff w < 8/9.
     a = np.array([[0.9, 0.1], [0.55, 0.45]])
     b = np.array([[0.35, 0.65], [0.1, 0.9]])
-    w, top1 = search_ensemble_weight(a, b, labels)
-    assert top1 == 100.0
-    assert w == pytest.approx(0.3)  # the smallest grid point above 3/11
-    assert search_ensemble_weight(a, a, labels) == (0.0, 50.0)  # ties: smallest weight
+    found = search_ensemble_weights([a, b], labels)
+    assert found.top1 == 100.0
+    # w = 0.3 ... 0.8 all reach 100%: the most even, 0.5, wins.
+    assert found.weights == (0.5, 0.5) and found.num_tied == 6
+    assert search_ensemble_weights([a, a], labels) == ((0.5, 0.5), 50.0, 11)
+    # Ties between equally even weights go to the earlier member. Video 0 is right only for w in
+    # (0.35, 0.45), video 1 only for w in (0.55, 0.65) (each class margin crosses 0 at one of those ends),
+    # so 0.4 and 0.6 tie at 50% and 0.5 gets neither.
+    a = np.array([[0.5, 0.37, 0.61], [0.5, 0.41, 0.57]])
+    b = np.array([[0.5, 0.57, 0.41], [0.5, 0.61, 0.37]])
+    assert search_ensemble_weights([a, b], [0, 0]) == ((0.6, 0.4), 50.0, 2)
+    # A brute-force reference on random scores, three members: the best top-1 over every grid point.
+    rng = np.random.default_rng(0)
+    members = [rng.dirichlet(np.ones(4), size=40) for _ in range(3)]
+    truth = rng.integers(0, 4, size=40)
+    found = search_ensemble_weights(members, truth, step=0.25)
+    best = max(
+        topk_accuracy(ensemble_scores(members, w), truth, ks=(1,))["top1"] for w in simplex_grid(3, 0.25)
+    )
+    assert found.top1 == best
+    assert topk_accuracy(ensemble_scores(members, found.weights), truth, ks=(1,))["top1"] == best
 
 
 # ------------------------------------------------------------------------------------------- base-to-novel

@@ -6,7 +6,8 @@ nothing a user did should end in a traceback.
 One module per job: ``app`` (the parser and ``main``), ``exits`` (exit statuses, the user's errors),
 ``flags`` (flags several commands share), ``logs`` (the engine's messages on the terminal), and the commands,
 each parser beside its handler: ``train`` (train, extract), ``evaluate`` (eval), ``predict`` (predict,
-embed), ``data`` (lists, prepare, splits, synth), ``export`` and ``tools`` (flops, bench, demo).
+embed), ``ensemble``, ``data`` (lists, prepare, splits, synth), ``export`` and ``tools`` (flops, bench,
+demo).
 """
 
 from evl.cli.app import build_parser, main

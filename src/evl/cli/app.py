@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from evl.cli import data, evaluate, export, predict, tools, train
+from evl.cli import data, ensemble, evaluate, export, predict, tools, train
 from evl.cli.exits import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, USER_ERRORS
 from evl.cli.flags import TRAIN_FLAGS
 from evl.cli.logs import install_log_handler
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_train_parser,
         train.add_extract_parser,
         evaluate.add_eval_parser,
+        ensemble.add_ensemble_parser,
         predict.add_predict_parser,
         predict.add_embed_parser,
         data.add_lists_parser,
