@@ -9,6 +9,13 @@ import torch
 import torch.nn.functional as F
 
 
+def square_grid_side(rows: int, prefix: int = 0) -> int | None:
+    """The side g of a square g x g patch grid whose table has ``rows`` rows after ``prefix`` non-patch rows
+    (a class token's); None when they do not form a square."""
+    side = math.isqrt(max(rows - prefix, 0))
+    return side if side * side == rows - prefix else None
+
+
 def resize_position_table(
     table: torch.Tensor,
     size: tuple[int, int],
@@ -21,7 +28,9 @@ def resize_position_table(
 
     The table itself is returned when the grid already has that size.
     """
-    old = math.isqrt(table.shape[0] - prefix)
+    old = square_grid_side(table.shape[0], prefix)
+    if old is None:
+        raise ValueError(f"{table.shape[0] - prefix} position embeddings do not form a square grid")
     if (old, old) == tuple(size):
         return table
     grid = table[prefix:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)  # [1, C, g, g]

@@ -36,6 +36,21 @@ def text_preset(name: str, **overrides: Any) -> TextConfig:
     return TextConfig(**{**TEXT_PRESETS[name], **overrides})
 
 
+def encode_tokens(tower: nn.Module, token_ids: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Token ids [N, L] -> output tokens [N, L, width] after ``ln_final``, through a text tower laid out as
+    CLIP's (``token_embedding``, ``positional_embedding``, ``transformer``, ``ln_final``): CLIP's with the
+    causal mask, SigLIP's without."""
+    length = token_ids.shape[-1]
+    if length > tower.config.context_length:
+        raise ValueError(
+            f"{length} tokens exceed the text encoder's context of {tower.config.context_length}"
+        )
+    x = tower.token_embedding(token_ids) + tower.positional_embedding[:length]
+    for block in tower.transformer.resblocks:
+        x, _ = block(x, causal=causal)
+    return tower.ln_final(x)
+
+
 class CLIPTextTransformer(nn.Module):
     """CLIP's text encoder: token ids [N, L] -> sentence embeddings [N, output_dim] (or [N, width])."""
 
@@ -75,15 +90,7 @@ class CLIPTextTransformer(nn.Module):
 
     def forward_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [N, L] -> output tokens [N, L, width] after ``ln_final``."""
-        length = token_ids.shape[-1]
-        if length > self.config.context_length:
-            raise ValueError(
-                f"{length} tokens exceed the text encoder's context of {self.config.context_length}"
-            )
-        x = self.token_embedding(token_ids) + self.positional_embedding[:length]
-        for block in self.transformer.resblocks:
-            x, _ = block(x, causal=True)
-        return self.ln_final(x)
+        return encode_tokens(self, token_ids, causal=True)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [N, L] -> embeddings [N, output_dim]: the end-of-text token, projected ([N, width]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from evl.config import SigLIPTextConfig
+from evl.models.clip_text import encode_tokens
 from evl.models.clip_vit import Transformer
 from evl.models.layers import LayerNorm
 
@@ -56,16 +57,8 @@ class SigLIPTextTransformer(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [N, L] -> output tokens [N, L, width] after ``ln_final``."""
-        length = token_ids.shape[-1]
-        if length > self.config.context_length:
-            raise ValueError(
-                f"{length} tokens exceed the text encoder's context of {self.config.context_length}"
-            )
-        x = self.token_embedding(token_ids) + self.positional_embedding[:length]
-        for block in self.transformer.resblocks:
-            x, _ = block(x, causal=False)
-        return self.ln_final(x)
+        """Token ids [N, L] -> output tokens [N, L, width] after ``ln_final`` (both ways: no causal mask)."""
+        return encode_tokens(self, token_ids, causal=False)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [N, L] -> embeddings [N, output_dim]: the last position's output through ``head``."""

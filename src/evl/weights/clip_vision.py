@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from evl.config import CLIP_MEAN, CLIP_STD, VisionConfig
-from evl.positions import resize_position_table
+from evl.positions import resize_position_table, square_grid_side
 from evl.weights.files import Tensors, WeightFormatError, read_state_dict
 from evl.weights.renames import apply_renames, hf_block_renames, merge_qkv
 
@@ -66,8 +66,8 @@ def infer_vision_config(visual: Tensors, source: str = "checkpoint", **overrides
         mlp_width = visual["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     except KeyError as err:
         raise WeightFormatError(f"{source}: image encoder tensor {err} is missing") from None
-    grid = round((num_tokens - 1) ** 0.5)
-    if grid * grid != num_tokens - 1:
+    grid = square_grid_side(num_tokens, prefix=1)
+    if grid is None:
         raise WeightFormatError(f"{source}: {num_tokens} position embeddings do not form a square grid")
     layers = len({k.split(".")[2] for k in visual if k.startswith("transformer.resblocks.")})
     fields: dict[str, Any] = dict(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from evl.config import IMAGENET_MEAN, IMAGENET_STD, VisionConfig
-from evl.positions import resize_position_table
+from evl.positions import resize_position_table, square_grid_side
 from evl.weights.files import Tensors, WeightFormatError
 from evl.weights.renames import apply_renames, merge_qkv
 
@@ -103,8 +103,8 @@ def infer_dinov2_config(state: Tensors, source: str = "checkpoint", **overrides:
         raise WeightFormatError(
             f"{source}: a {channels}-channel {patch}x{patch_w} patch embedding (RGB, square patches expected)"
         )
-    grid = round((num_positions - 1) ** 0.5)
-    if grid * grid != num_positions - 1:
+    grid = square_grid_side(num_positions, prefix=1)
+    if grid is None:
         raise WeightFormatError(f"{source}: {num_positions} position embeddings do not form a square grid")
     fields: dict[str, Any] = dict(
         family="dinov2",

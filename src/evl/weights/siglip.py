@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from evl.config import SIGLIP_MEAN, SIGLIP_STD, VisionConfig
-from evl.positions import resize_position_table
+from evl.positions import resize_position_table, square_grid_side
 from evl.weights.files import Tensors, WeightFormatError
 from evl.weights.renames import apply_renames, hf_block_renames, merge_qkv
 
@@ -125,8 +125,8 @@ def infer_siglip_config(tower: Tensors, source: str = "checkpoint", **overrides:
         mlp_width = tower["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     except KeyError as err:
         raise WeightFormatError(f"{source}: image encoder tensor {err} is missing") from None
-    grid = math.isqrt(positions)
-    if grid * grid != positions:
+    grid = square_grid_side(positions)
+    if grid is None:
         raise WeightFormatError(f"{source}: {positions} position embeddings do not form a square grid")
     # The config's size when its grid is the table's (So400m/14: 384 px for 27 patches of 14), else the
     # table's own.
