@@ -17,6 +17,8 @@ from evl.synth import class_names
 from evl.video.decode import read_frames
 from factories import TINY_BACKBONE, randomize_
 
+PROMPT_DEPTHS = ("method.prompt_vision_depth=6", "method.prompt_text_depth=4")
+
 
 def tiny_predictor(method: str = "evl") -> Predictor:
     """A real model of ``method`` on the tiny random ViT (4 frames, dense stride 2) over the motion classes,
@@ -24,7 +26,8 @@ def tiny_predictor(method: str = "evl") -> Predictor:
     classes = list(class_names("motion"))
     run = build_run_config(
         None,
-        [f"method.name={method}"],
+        # Deep prompts no deeper than the tiny ViT's 6 image and 4 text blocks.
+        [f"method.name={method}", *(PROMPT_DEPTHS if method == "vifi_prompt" else ())],
         **{"backbone.name": TINY_BACKBONE, "data.num_frames": 4, "data.frame_stride": 2},
     )
     torch.manual_seed(0)

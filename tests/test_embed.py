@@ -36,7 +36,7 @@ def videos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictors():
-    return {method: tiny_predictor(method) for method in ("evl", "vifi", "xclip", "zeroshot")}
+    return {method: tiny_predictor(method) for method in METHODS}
 
 
 def test_every_method_says_what_its_embedding_is():

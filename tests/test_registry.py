@@ -23,6 +23,8 @@ from evl.models.protocol import TextVideoModel, VideoModel
 from factories import TINY_BACKBONE
 
 CLASSES = ["left", "right", "up"]
+# Settings a method needs on the tiny random ViT: deep prompts no deeper than its 6 image and 4 text blocks.
+TINY_SETTINGS = {"vifi_prompt": dict(prompt_vision_depth=6, prompt_text_depth=4)}
 
 
 def _run(name: str, **method) -> RunConfig:
@@ -36,15 +38,18 @@ def _run(name: str, **method) -> RunConfig:
 @pytest.fixture(scope="module")
 def built():
     torch.manual_seed(0)
-    return {name: build_model(_run(name), None, CLASSES, seed=1).model for name in METHODS}
+    return {
+        name: build_model(_run(name, **TINY_SETTINGS.get(name, {})), None, CLASSES, seed=1).model
+        for name in METHODS
+    }
 
 
-def test_the_registry_knows_the_four_methods():
-    assert list(METHODS) == ["evl", "vifi", "xclip", "zeroshot"]
+def test_the_registry_knows_the_five_methods():
+    assert list(METHODS) == ["evl", "vifi", "vifi_prompt", "xclip", "zeroshot"]
     assert all(name == spec.name for name, spec in METHODS.items())
 
 
-@pytest.mark.parametrize("name", ["evl", "vifi", "xclip", "zeroshot"])
+@pytest.mark.parametrize("name", ["evl", "vifi", "vifi_prompt", "xclip", "zeroshot"])
 def test_every_method_builds_a_video_model(built, name):
     model, spec = built[name], METHODS[name]
     assert isinstance(model, VideoModel)
@@ -56,7 +61,7 @@ def test_every_method_builds_a_video_model(built, name):
         assert model.eval()(video).shape == (2, len(CLASSES))
 
 
-@pytest.mark.parametrize("name", ["evl", "vifi", "xclip", "zeroshot"])
+@pytest.mark.parametrize("name", ["evl", "vifi", "vifi_prompt", "xclip", "zeroshot"])
 def test_trainable_state_round_trips_and_mismatches_are_one_line(built, name):
     model = built[name]
     state = {k: v.clone() for k, v in model.trainable_state_dict().items()}
@@ -72,17 +77,28 @@ def test_trainable_state_round_trips_and_mismatches_are_one_line(built, name):
 
 def test_the_methods_defaults_are_the_references():
     betas = {name: spec.betas for name, spec in METHODS.items()}
-    assert betas == {"evl": (0.9, 0.999), "vifi": (0.9, 0.98), "xclip": (0.9, 0.98), "zeroshot": (0.9, 0.98)}
+    assert betas == {
+        "evl": (0.9, 0.999),
+        "vifi": (0.9, 0.98),
+        "vifi_prompt": (0.9, 0.98),
+        "xclip": (0.9, 0.98),
+        "zeroshot": (0.9, 0.98),
+    }
     templates = {name: templates_for(MethodConfig(name=name)) for name in METHODS if METHODS[name].reads_text}
-    assert templates == {"vifi": ("a photo of a {}.",), "xclip": ("{}",), "zeroshot": ("{}",)}
+    assert templates == {
+        "vifi": ("a photo of a {}.",),
+        "vifi_prompt": ("X X X X X X X X X X {}.",),  # 10 context tokens: placeholder words
+        "xclip": ("{}",),
+        "zeroshot": ("{}",),
+    }
     means = {name: normalization_stats(MethodConfig(name=name)) for name in METHODS}
     assert means["evl"] is None and means["zeroshot"] is None  # the encoder's own
-    assert means["vifi"][0] == means["xclip"][0] == IMAGENET_MEAN
+    assert means["vifi"][0] == means["vifi_prompt"][0] == means["xclip"][0] == IMAGENET_MEAN
     assert normalization_stats(MethodConfig(name="vifi", normalization="clip"))[0] == CLIP_MEAN
     assert [n for n, s in METHODS.items() if s.trains_from_features] == ["evl"]
 
 
-@pytest.mark.parametrize("name", ["evl", "vifi", "xclip"])
+@pytest.mark.parametrize("name", ["evl", "vifi", "vifi_prompt", "xclip"])
 def test_the_optimizer_takes_the_methods_betas_unless_set(built, name):
     run = _run(name)
     assert build_method_optimizer(built[name], run).defaults["betas"] == METHODS[name].betas
@@ -91,7 +107,7 @@ def test_the_optimizer_takes_the_methods_betas_unless_set(built, name):
 
 
 def test_an_unknown_method_is_refused_by_name_before_a_run_directory_exists(tmp_path):
-    message = "method.name must be one of evl, vifi, xclip, zeroshot, got 'bogus'"
+    message = "method.name must be one of evl, vifi, vifi_prompt, xclip, zeroshot, got 'bogus'"
     with pytest.raises(ValueError, match=message):
         method_spec("bogus")
     with pytest.raises(ValueError, match=message):

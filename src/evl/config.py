@@ -529,6 +529,7 @@ class MethodConfig:
     takes the method's own: ViFi-CLIP ``"a photo of a {}."``, X-CLIP and zero-shot CLIP the bare name.
     ``normalization`` "auto" follows the reference code of each method: CLIP statistics for EVL and
     zero-shot CLIP, ImageNet statistics for ViFi-CLIP and X-CLIP (whose shared data pipeline uses them).
+    ``vifi_prompt`` takes no ``templates``: its class prompt is the learned context's (``prompt_*``).
     """
 
     name: str = "evl"
@@ -542,6 +543,14 @@ class MethodConfig:
     prompt_alpha: float = 0.1
     droppath: float = 0.0
     freeze_text: bool = True
+    # ViFi-CLIP's "bridge and prompt" stage (vifi_prompt): deep prompts in both frozen towers. Tokens per
+    # layer and the number of layers that get their own (from the first); the defaults are its few-shot
+    # setting. ``prompt_init`` initialises a text context of up to 4 tokens (None: random, prefix "X X ...").
+    prompt_vision_tokens: int = 10
+    prompt_text_tokens: int = 10
+    prompt_vision_depth: int = 12
+    prompt_text_depth: int = 12
+    prompt_init: str | None = "a photo of a"
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -555,6 +564,20 @@ class MethodConfig:
                 raise ValueError(f"method.templates: {template!r} has no {{}} for the class name")
         if self.templates is not None and not self.templates:
             raise ValueError("method.templates is empty: give at least one, or leave it unset")
+        for name in (
+            "prompt_vision_tokens",
+            "prompt_text_tokens",
+            "prompt_vision_depth",
+            "prompt_text_depth",
+        ):
+            value, least = getattr(self, name), 1 if name.endswith("depth") else 0
+            if value < least:
+                raise ValueError(f"method.{name} must be at least {least}, got {value}")
+        init = self.prompt_init
+        if init is not None and (not init.strip() or "{" in init or "}" in init):
+            raise ValueError(
+                f"method.prompt_init must be words such as 'a photo of a', or null; got {init!r}"
+            )
 
     def normalization_stats(self, auto: str | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """(mean, std) of this method's input frames, or None for the image encoder's own.

@@ -20,7 +20,7 @@ def float_list(text: str) -> list[float]:
 
 # Plain flags of `evl train`: (flag, run-config field, type, help).
 TRAIN_FLAGS = [
-    ("--method", "method.name", str, "evl (default) | vifi | xclip | zeroshot"),
+    ("--method", "method.name", str, "evl (default) | vifi | vifi_prompt | xclip | zeroshot"),
     ("--tune", "method.tune", str, "ViFi-CLIP: which CLIP encoders train: both | image | text"),
     ("--data-root", "data.data_root", str, "folder the list files' paths are relative to"),
     ("--train-list", "data.train_list", str, "training list: 'relpath label' per line, or CSV"),
@@ -30,7 +30,8 @@ TRAIN_FLAGS = [
         "--backbone",
         "backbone.name",
         str,
-        "CLIP weights: a path, a preset with local weights, or random:PRESET",
+        "CLIP weights: a path, a preset with local weights, or random:PRESET "
+        "(vifi_prompt: also a ViFi-CLIP run directory, whose tuned towers it prompts)",
     ),
     ("--backbone-heads", "backbone.heads", int, "attention heads, for checkpoints not using width // 64"),
     ("--num-frames", "data.num_frames", int, "frames per clip"),

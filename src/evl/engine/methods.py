@@ -4,6 +4,8 @@ optimised, whether and how class names become its classifier, and what its defau
 
 * ``evl``: frozen CLIP image encoder + EVL decoder + linear head (a fixed class list);
 * ``vifi``: ViFi-CLIP, both CLIP encoders fine-tuned (or one of them), classes matched by text;
+* ``vifi_prompt``: ViFi-CLIP's "bridge and prompt" stage, deep prompts on the frozen towers of a ViFi-CLIP
+  run (or of CLIP);
 * ``xclip``: X-CLIP, from a CLIP checkpoint (new modules initialised) or an X-CLIP one;
 * ``zeroshot``: CLIP as it is, classes matched by text, nothing trained.
 
@@ -41,8 +43,10 @@ from evl.config import (
 )
 from evl.engine.optim import adamw, param_groups
 from evl.io import atomic_path
-from evl.models.clip_text import TEXT_PRESETS
+from evl.models.clip_text import TEXT_PRESETS, CLIPTextTransformer
+from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.evl import EVL
+from evl.models.prompted_clip import PromptedVideoCLIP, prompt_prefix, prompt_template
 from evl.models.registry import CLIPTowers, clip_state_dict, create_backbone, create_clip, xclip_from_clip
 from evl.models.vificlip import VIFI_BETAS, VIFI_TEMPLATE, ZEROSHOT_TEMPLATE, VideoCLIP, build_prompts
 from evl.models.xclip import XCLIP, xclip_param_groups
@@ -75,6 +79,9 @@ class MethodSpec:
     betas: tuple[float, float]  # AdamW betas when ``train.betas`` is not set
     reads_text: bool  # classes are matched by text embeddings: any class list, no fixed classifier
     templates: tuple[str, ...] = ()  # class prompts when ``method.templates`` is not set (text methods)
+    # The class prompts of a method whose prompt follows its own settings (it then takes no
+    # ``method.templates``): method config -> templates, or a one-line ValueError.
+    templates_from: Callable[[MethodConfig], tuple[str, ...]] | None = None
     # What ``method.normalization: auto`` means: "imagenet", "clip", or None for the encoder's own.
     normalization: str | None = None
     trains: bool = True  # False: nothing to train, so no training list, and it can be built from weights
@@ -93,9 +100,12 @@ class MethodSpec:
 
 def templates_for(method: MethodConfig) -> tuple[str, ...]:
     """The class-prompt templates of a text method: the configured ones, or the method's own."""
+    spec = method_spec(method.name)
+    if spec.templates_from is not None:
+        return spec.templates_from(method)
     if method.templates is not None:
         return tuple(method.templates)
-    return method_spec(method.name).templates
+    return spec.templates
 
 
 def normalization_stats(method: MethodConfig) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -276,6 +286,125 @@ def _build_zeroshot(
     return _build_video_clip(run, run_dir, "none")
 
 
+def _prompt_templates(method: MethodConfig) -> tuple[str, ...]:
+    """vifi_prompt's one class prompt, ``prefix + " {}."``: the prefix's first words are the learned
+    context, so no other template fits."""
+    if method.templates is not None:
+        prefix = prompt_prefix(method.prompt_text_tokens, method.prompt_init)
+        raise ValueError(
+            f"method.templates: vifi_prompt learns its class prompt's context ({prefix!r} + name), so it "
+            "takes no templates; set method.prompt_init or method.prompt_text_tokens instead"
+        )
+    return (prompt_template(method.prompt_text_tokens, method.prompt_init),)
+
+
+def _is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a run directory (its config.json a run's, not a Hugging Face model's)."""
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "run" in json.loads(config.read_text())
+    except (json.JSONDecodeError, TypeError):
+        return False
+
+
+def _bridge_towers(run: RunConfig, path: Path) -> tuple[CLIPTowers, dict[str, Any]]:
+    """The towers of a ViFi-CLIP run at its latest checkpoint (the "bridge"), and what identifies them."""
+    # Imported here: evl.engine.run builds every run's model through this module, so a module-level
+    # import would be circular; only this method reads another run.
+    from evl.engine.run import load_run
+
+    loaded = load_run(path, device="cpu")
+    if loaded.run.method.name != "vifi":
+        raise ValueError(
+            f"backbone.name: {path} is a {method_spec(loaded.run.method.name).title} run; vifi_prompt "
+            "starts from a ViFi-CLIP run directory (method vifi) or from CLIP weights"
+        )
+    model = loaded.model
+    visual = model.visual
+    stats = normalization_stats(run.method)
+    if stats is not None:  # normalisation belongs to this method's input pipeline, not to the bridge's
+        visual.config = dataclasses.replace(visual.config, mean=tuple(stats[0]), std=tuple(stats[1]))
+    bias = None if model.logit_bias is None else float(model.logit_bias)
+    towers = CLIPTowers(
+        visual, model.text, float(model.logit_scale.detach()), str(path), bias, model.tokenizer
+    )
+    return towers, {"run": str(path), "step": loaded.step}
+
+
+def _prompt_towers(run: RunConfig, run_dir: Path | None) -> tuple[CLIPTowers, dict[str, Any] | None]:
+    """The frozen towers of vifi_prompt: a ViFi-CLIP run's (and which run and step) or CLIP's."""
+    spec = run.backbone.name
+    path = Path(spec)
+    if spec.startswith("random:") or (spec in VISION_PRESETS and not path.exists()):
+        return build_clip(run, run_dir), None
+    if _is_run_dir(path):
+        return _bridge_towers(run, path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"backbone.name: {spec} does not exist; vifi_prompt builds its frozen towers from a ViFi-CLIP "
+            "run directory or CLIP weights, and a prompted run rebuilds them from the same place"
+        )
+    return build_clip(run, run_dir), None
+
+
+def _check_prompt_towers(method: MethodConfig, towers: CLIPTowers) -> None:
+    """CLIP's towers, deep enough for the prompts; otherwise a one-line ValueError naming the field."""
+    if not (
+        isinstance(towers.visual, CLIPVisionTransformer) and isinstance(towers.text, CLIPTextTransformer)
+    ):
+        raise ValueError(
+            f"backbone.name: vifi_prompt's prompts enter CLIP's image and text encoders; {towers.name} has "
+            f"{towers.visual.config.family} towers (method vifi or zeroshot take them)"
+        )
+    for tower, layers in (("vision", towers.visual.config.layers), ("text", towers.text.config.layers)):
+        tokens = getattr(method, f"prompt_{tower}_tokens")
+        depth = getattr(method, f"prompt_{tower}_depth")
+        if tokens and depth > layers:
+            raise ValueError(
+                f"method.prompt_{tower}_depth={depth} is more than the {layers} layers of the {tower} encoder"
+            )
+
+
+def _build_vifi_prompt(
+    run: RunConfig, run_dir: Path | None, classes: Sequence[str], seed: int | None
+) -> BuiltModel:
+    method = run.method
+    _prompt_templates(method)  # refuses method.templates before anything is built
+    towers, bridge = _prompt_towers(run, run_dir)
+    _check_prompt_towers(method, towers)
+    _seed(seed)
+    model = PromptedVideoCLIP(
+        towers.visual,
+        towers.text,
+        towers.logit_scale,
+        vision_tokens=method.prompt_vision_tokens,
+        vision_depth=method.prompt_vision_depth,
+        text_tokens=method.prompt_text_tokens,
+        text_depth=method.prompt_text_depth,
+        prompt_init=method.prompt_init,
+        compute_dtype=run.backbone.dtype,
+        tokenizer=towers.tokenizer,
+    )
+    payload = {
+        "vision": to_dict(towers.visual.config),
+        "text": to_dict(towers.text.config),
+        "tune": "none",
+        "backbone_name": towers.name,
+        # A ViFi-CLIP run directory and the checkpoint step its towers came from (None: CLIP weights).
+        "bridge": bridge,
+        "prompts": {
+            "vision_tokens": method.prompt_vision_tokens,
+            "vision_depth": method.prompt_vision_depth if method.prompt_vision_tokens else 0,
+            "text_tokens": method.prompt_text_tokens,
+            "text_depth": method.prompt_text_depth if method.prompt_text_tokens else 0,
+            "template": model.template,
+        },
+    }
+    return BuiltModel(model, payload)
+
+
 # ------------------------------------------------------------------------------------------- optimisation
 
 
@@ -355,6 +484,19 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                 # NOTE(ref): ViFi-CLIP and X-CLIP normalise with ImageNet statistics although CLIP was
                 # trained with its own; EVL and vanilla CLIP use CLIP's (the encoder's).
                 normalization="imagenet",
+                embed=_video_clip_embedding,
+            ),
+            MethodSpec(
+                name="vifi_prompt",
+                title="ViFi-CLIP bridge and prompt",
+                build=_build_vifi_prompt,
+                # NOTE(ref): AdamW over the prompt learner's parameters, every one decayed with the
+                # config's weight decay; ViFi-CLIP's betas.
+                param_groups=_video_clip_param_groups,
+                betas=VIFI_BETAS,
+                reads_text=True,
+                templates_from=_prompt_templates,
+                normalization="imagenet",  # NOTE(ref): the ViFi-CLIP data pipeline's statistics
                 embed=_video_clip_embedding,
             ),
             MethodSpec(

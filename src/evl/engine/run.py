@@ -6,8 +6,9 @@ RUN_DIR/
   classes.txt            class names, one per line (index = label)
   backbone.safetensors   only for random-init CLIP weights, which no file elsewhere could restore
   checkpoints/           trained weights (safetensors) and optimiser state, see engine.checkpoint:
-                         EVL decoder + head; ViFi-CLIP the tuned encoders; X-CLIP all but the text tower
-                         (zero-shot runs have none)
+                         EVL decoder + head; ViFi-CLIP the tuned encoders; X-CLIP all but the text tower;
+                         vifi_prompt the prompt vectors (its frozen towers are re-read from the ViFi-CLIP
+                         run or CLIP weights named in config.json); zero-shot runs have none
   metrics.csv            step,split,name,value
   skipped_videos.txt     videos that could not be decoded, with the reason
   tb/                    TensorBoard events

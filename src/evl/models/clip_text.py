@@ -8,6 +8,7 @@ run with a causal mask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,17 +37,29 @@ def text_preset(name: str, **overrides: Any) -> TextConfig:
     return TextConfig(**{**TEXT_PRESETS[name], **overrides})
 
 
-def encode_tokens(tower: nn.Module, token_ids: torch.Tensor, causal: bool) -> torch.Tensor:
+def encode_tokens(
+    tower: nn.Module,
+    token_ids: torch.Tensor,
+    causal: bool,
+    before_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Token ids [N, L] -> output tokens [N, L, width] after ``ln_final``, through a text tower laid out as
     CLIP's (``token_embedding``, ``positional_embedding``, ``transformer``, ``ln_final``): CLIP's with the
-    causal mask, SigLIP's without."""
+    causal mask, SigLIP's without.
+
+    ``before_block(i, x)``, when given, is called on the tokens [N, L, width] entering block i (token plus
+    positional embeddings for i = 0), for every block, and its result [N, L, width] goes in instead: deep
+    prompts replace tokens there.
+    """
     length = token_ids.shape[-1]
     if length > tower.config.context_length:
         raise ValueError(
             f"{length} tokens exceed the text encoder's context of {tower.config.context_length}"
         )
     x = tower.token_embedding(token_ids) + tower.positional_embedding[:length]
-    for block in tower.transformer.resblocks:
+    for index, block in enumerate(tower.transformer.resblocks):
+        if before_block is not None:
+            x = before_block(index, x)
         x, _ = block(x, causal=causal)
     return tower.ln_final(x)
 
@@ -88,13 +101,22 @@ class CLIPTextTransformer(nn.Module):
             is_eot.any(dim=-1), first, token_ids.new_full(first.shape, token_ids.shape[-1] - 1)
         )
 
-    def forward_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [N, L] -> output tokens [N, L, width] after ``ln_final``."""
-        return encode_tokens(self, token_ids, causal=True)
+    def forward_tokens(
+        self,
+        token_ids: torch.Tensor,
+        before_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Token ids [N, L] -> output tokens [N, L, width] after ``ln_final`` (``before_block``: see
+        :func:`encode_tokens`)."""
+        return encode_tokens(self, token_ids, causal=True, before_block=before_block)
 
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        before_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Token ids [N, L] -> embeddings [N, output_dim]: the end-of-text token, projected ([N, width]
-        when the config has no projection)."""
-        x = self.forward_tokens(token_ids)
+        when the config has no projection). ``before_block``: see :func:`encode_tokens`."""
+        x = self.forward_tokens(token_ids, before_block=before_block)
         pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(token_ids)]
         return pooled if self.text_projection is None else pooled @ self.text_projection

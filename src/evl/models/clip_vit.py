@@ -9,7 +9,7 @@ EVL's decoder and its temporal cross-attention consume.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -186,10 +186,21 @@ class ImageEncoder(nn.Module):
                 yield index, features
                 del features
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [N, 3, H, W] -> output tokens of the last block [N, L, C] (before the final norm)."""
+    def forward_features(
+        self,
+        x: torch.Tensor,
+        before_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Images [N, 3, H, W] -> output tokens of the last block [N, L, C] (before the final norm).
+
+        ``before_block(i, tokens)``, when given, is called on the tokens [N, L', C] entering block i, for
+        every block, and its result goes in instead: deep prompts add or replace tokens there (the token
+        count may change, so the output is then [N, L', C]).
+        """
         x = self.embed(x)
-        for block in self.block_stack():
+        for index, block in enumerate(self.block_stack()):
+            if before_block is not None:
+                x = before_block(index, x)
             x, _ = block(x)
         return x
 

@@ -186,6 +186,17 @@ class VideoCLIP(TrainableStateModule):
             module.eval()  # frozen parts never leave eval mode
         return self
 
+    @property
+    def _image_path_trains(self) -> bool:
+        """Whether a forward needs autograd through the image encoder (a subclass may train inputs to it)."""
+        return self.tune_image
+
+    @property
+    def _text_path_trains(self) -> bool:
+        """Whether the class embeddings change with training, so are cached only inside :meth:`text_cache`
+        (a subclass may train inputs to the text encoder)."""
+        return self.tune_text
+
     def is_tuned(self, name: str) -> bool:
         """Whether the parameter called ``name`` trains under this model's ``tune`` mode."""
         if name == "logit_scale":
@@ -258,7 +269,7 @@ class VideoCLIP(TrainableStateModule):
             yield
         finally:
             self._cache_depth -= 1
-            if self._cache_depth == 0 and self.tune_text:
+            if self._cache_depth == 0 and self._text_path_trains:
                 self.clear_text_cache()
 
     # -------------------------------------------------------------------------------------------- forwards
@@ -273,9 +284,17 @@ class VideoCLIP(TrainableStateModule):
         """Videos [B, T, 3, H, W] -> normalised embeddings [B, D] (float32; see :func:`average_frames`)."""
         if video.ndim != 5 or video.shape[2] != 3:
             raise ValueError(f"VideoCLIP expects videos [B, T, 3, H, W], got shape {tuple(video.shape)}")
-        with self._grad(self.tune_image), self._autocast(video.device):
-            frames = self.visual(video.flatten(0, 1))  # [B*T, D]
+        with self._grad(self._image_path_trains), self._autocast(video.device):
+            frames = self._encode_frames(video.flatten(0, 1))  # [B*T, D]
         return average_frames(frames, video.shape[1])
+
+    def _encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames [N, 3, H, W] -> pooled embeddings [N, D]: the image encoder (a subclass adds prompts)."""
+        return self.visual(frames)
+
+    def _encode_prompts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [N, L] -> prompt embeddings [N, D]: the text encoder (a subclass adds prompts)."""
+        return self.text(tokens)
 
     def encode_text(self) -> torch.Tensor:
         """The class prompts -> normalised class embeddings [K, D] (float32).
@@ -287,11 +306,11 @@ class VideoCLIP(TrainableStateModule):
         if tokens is None:
             raise RuntimeError("no class prompts: call set_class_tokens(token_ids) before encoding text")
         key = (tokens.device, self.compute_dtype, next(self.text.parameters()).dtype)
-        cacheable = not self.tune_text or self._cache_depth > 0
+        cacheable = not self._text_path_trains or self._cache_depth > 0
         if cacheable and self._text_cache is not None and self._text_cache_key == key:
             return self._text_cache
-        with self._grad(self.tune_text and not cacheable), self._autocast(tokens.device):
-            prompts = self.text(tokens)  # [K*M, D]
+        with self._grad(self._text_path_trains and not cacheable), self._autocast(tokens.device):
+            prompts = self._encode_prompts(tokens)  # [K*M, D]
         prompts = F.normalize(prompts.float(), dim=-1).view(self.num_classes, self.num_templates, -1)
         classes = F.normalize(prompts.mean(dim=1), dim=-1)  # [K, D]
         if cacheable:
