@@ -95,5 +95,6 @@ def format_summary(summary: dict) -> str:
         f"{summary['wall_time_s']:.0f} s in all.\n"
         f"  loss curve:       {run_dir / 'training_curves.png'}\n"
         f"  confusion matrix: {run_dir / 'eval' / 'confusion_matrix.png'}\n"
-        f"  try:              evl predict {run_dir} {summary['example_video']}"
+        f"  try:              evl predict {run_dir} {summary['example_video']}\n"
+        f"  where it looks:   evl explain {run_dir} {summary['example_video']} --out {run_dir / 'explain'}"
     )

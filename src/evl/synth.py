@@ -149,10 +149,16 @@ def sample_spec(task: Task, label: int, num_frames: int, rng: np.random.Generato
 
 def render_clip(spec: ClipSpec, num_frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """Draw ``spec`` as uint8 [T, H, W, 3] RGB frames with H = W = ``size``; ``rng`` draws the pixel noise."""
-    alpha = _coverage(spec, spec.positions(num_frames), size)[..., None]  # [T, H, W, 1]
+    alpha = shape_coverage(spec, num_frames, size)[..., None]  # [T, H, W, 1]
     frames = (1.0 - alpha) * _background(spec, size) + alpha * np.asarray(spec.color, dtype=np.float64)
     frames += rng.normal(0.0, spec.noise_std, size=frames.shape)
     return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+
+
+def shape_coverage(spec: ClipSpec, num_frames: int, size: int) -> np.ndarray:
+    """Where the shape is in each frame of :func:`render_clip`: the fraction of each pixel it covers,
+    float64 [T, H, W] in [0, 1] (ground truth for what a model should look at)."""
+    return _coverage(spec, spec.positions(num_frames), size)
 
 
 def _rgb(values: Sequence[int] | np.ndarray) -> tuple[int, int, int]:

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from evl.cli import data, ensemble, evaluate, export, predict, tools, train
+from evl.cli import data, ensemble, evaluate, explain, export, predict, tools, train
 from evl.cli.exits import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, USER_ERRORS
 from evl.cli.flags import TRAIN_FLAGS
 from evl.cli.logs import install_log_handler
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         ensemble.add_ensemble_parser,
         predict.add_predict_parser,
         predict.add_embed_parser,
+        explain.add_explain_parser,
         data.add_lists_parser,
         data.add_prepare_parser,
         export.add_export_parser,

@@ -43,6 +43,7 @@ from evl.config import (
 )
 from evl.engine.optim import adamw, param_groups
 from evl.io import atomic_path
+from evl.models.attention_maps import EVLAttention, evl_attention
 from evl.models.clip_text import TEXT_PRESETS, CLIPTextTransformer
 from evl.models.clip_vit import CLIPVisionTransformer
 from evl.models.evl import EVL
@@ -93,6 +94,12 @@ class MethodSpec:
     # (model, views [B, V, T, 3, S, S]) -> video embeddings [B, D], float32: what the method classifies or
     # matches against class texts, the V views of a video pooled as the method pools (``evl embed``).
     embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    # (model, videos [B, T, 3, S, S]) -> the attention maps ``evl explain`` draws (EVL's decoder query, the
+    # encoder's class token, the cross-frame maps: :class:`~evl.models.attention_maps.EVLAttention`).
+    attention_maps: Callable[[nn.Module, torch.Tensor], EVLAttention] | None = None
+    # (model, videos [B, T, 3, S, S]) -> [B, T, K]: each frame's cosine similarity with each class's text,
+    # what ``evl explain`` draws for the methods that match classes by text.
+    frame_similarity: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -455,6 +462,11 @@ def _xclip_embedding(model: nn.Module, views: torch.Tensor) -> torch.Tensor:
     return _pool_views(F.normalize(video.float(), dim=-1), views.shape[1], unit=True)
 
 
+def _frame_similarity(model: nn.Module, video: torch.Tensor) -> torch.Tensor:
+    """Each frame's cosine similarity with each class ([B, T, K]; the model's own ``frame_similarity``)."""
+    return model.frame_similarity(video)
+
+
 # ------------------------------------------------------------------------------------------------ registry
 
 METHODS: Mapping[str, MethodSpec] = MappingProxyType(
@@ -472,6 +484,7 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                 check_payload=model_config_from_dict,
                 set_recompute_memory=_set_evl_recompute_memory,
                 embed=_evl_embedding,
+                attention_maps=evl_attention,
             ),
             MethodSpec(
                 name="vifi",
@@ -485,6 +498,7 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                 # trained with its own; EVL and vanilla CLIP use CLIP's (the encoder's).
                 normalization="imagenet",
                 embed=_video_clip_embedding,
+                frame_similarity=_frame_similarity,
             ),
             MethodSpec(
                 name="vifi_prompt",
@@ -498,6 +512,7 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                 templates_from=_prompt_templates,
                 normalization="imagenet",  # NOTE(ref): the ViFi-CLIP data pipeline's statistics
                 embed=_video_clip_embedding,
+                frame_similarity=_frame_similarity,
             ),
             MethodSpec(
                 name="xclip",
@@ -510,6 +525,7 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                 templates=(ZEROSHOT_TEMPLATE,),
                 normalization="imagenet",
                 embed=_xclip_embedding,
+                frame_similarity=_frame_similarity,
             ),
             MethodSpec(
                 name="zeroshot",
@@ -521,6 +537,7 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                 templates=(ZEROSHOT_TEMPLATE,),
                 trains=False,
                 embed=_video_clip_embedding,
+                frame_similarity=_frame_similarity,
             ),
         )
     }

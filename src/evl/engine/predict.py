@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from evl.config import DataConfig, MethodConfig
+from evl.engine.explain import Explanation, explain_video
 from evl.engine.methods import ZEROSHOT
 from evl.engine.run import LoadedRun, load_run, zeroshot_run
 from evl.engine.scoring import score_batches
@@ -101,6 +102,18 @@ class Predictor:
             batch_size=batch_size,
             progress=progress,
         )
+
+    def explain(
+        self,
+        path: str | Path,
+        *,
+        layer: int | None = None,
+        frame: int | None = None,
+        patch: tuple[int, int] | None = None,
+    ) -> Explanation:
+        """Where the model looks in the video's first view: attention maps (EVL) or each class's
+        similarity per frame (text methods); see :mod:`evl.engine.explain`."""
+        return explain_video(self, path, layer=layer, frame=frame, patch=patch)
 
     def embed(self, path: str | Path) -> torch.Tensor:
         """The video's embedding [D] (float32, on the CPU): see :mod:`evl.engine.embed` for what it is."""

@@ -210,6 +210,16 @@ class DecoderAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, Lq, d]
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, c))
 
+    def attention_weights(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """The weights :meth:`forward` attends with: x [B, Lq, C] over memory [B, Lm, C] (already
+        normalised) -> softmax(q k^T / sqrt(Dh)) [B, H, Lq, Lm], each row summing to one. For looking at,
+        not for computing the output: the forwards never materialise them."""
+        b, lq, c = x.shape
+        d = c // self.heads
+        q = self.q_proj(x).view(b, lq, self.heads, d).transpose(1, 2)
+        k = self.k_proj(memory).view(b, memory.shape[1], self.heads, d).transpose(1, 2)
+        return (q @ k.transpose(-2, -1) * d**-0.5).softmax(dim=-1)
+
     def forward_folded(
         self, x: torch.Tensor, memory: torch.Tensor, memory_norm: nn.LayerNorm | None = None
     ) -> torch.Tensor:

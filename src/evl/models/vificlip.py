@@ -317,6 +317,15 @@ class VideoCLIP(TrainableStateModule):
             self._text_cache, self._text_cache_key = classes.detach(), key
         return classes
 
+    def frame_similarity(self, video: torch.Tensor) -> torch.Tensor:
+        """Videos [B, T, 3, H, W] -> cosine similarity of each frame's embedding with each class's, [B, T, K]
+        (float32, without autograd): how a class's match builds up over time; the video's own embedding is
+        the normalised mean of these frames'."""
+        with torch.no_grad(), self._autocast(video.device):
+            frames = self._encode_frames(video.flatten(0, 1))  # [B*T, D]
+        frames = F.normalize(frames.float(), dim=-1).unflatten(0, tuple(video.shape[:2]))
+        return frames @ self.encode_text().detach().t()
+
     @property
     def score_activation(self) -> str:
         """How logits become class scores: ``"sigmoid"`` for SigLIP's towers, ``"softmax"`` for CLIP's."""

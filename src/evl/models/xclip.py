@@ -132,6 +132,17 @@ class _VideoMatching:
         text = text.to(visual_tokens.dtype).unsqueeze(0).expand(visual_tokens.shape[0], -1, -1)
         return text + self.prompts_generator(text, visual_tokens.mean(dim=1))
 
+    def frame_similarity_to(self, video: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Videos [B, T, 3, H, W] and class text embeddings [K, D] -> cosine similarity of each frame's
+        embedding (after the cross-frame communication, before the integration transformer) with each
+        class's video-specific prompted text, [B, T, K] (float32, without autograd)."""
+        self.check_input(video)
+        with torch.no_grad():
+            frames, patches = self.visual(video)  # [B, T, D], [B, T, N, C]
+            tokens = self.prompts_visual_ln(patches) @ self.prompts_visual_proj.to(patches.dtype)
+            prompted = F.normalize(self.prompt_text(text, tokens).float(), dim=-1)  # [B, K, D]
+        return torch.einsum("btd,bkd->btk", F.normalize(frames.float(), dim=-1), prompted)
+
     def match(self, video_embeds: torch.Tensor, text_embeds: torch.Tensor) -> XCLIPOutput:
         """Video [B, D] and per-video text [B, K, D] embeddings -> :class:`XCLIPOutput`."""
         video_embeds = F.normalize(video_embeds, dim=-1)
@@ -260,6 +271,15 @@ class XCLIP(_VideoMatching, TrainableStateModule):
                 raise RuntimeError("no class prompts: call set_class_tokens(token_ids) or pass them")
             class_token_ids = self.class_tokens
         return self.forward_outputs(video, class_token_ids).logits_per_video
+
+    def frame_similarity(self, video: torch.Tensor) -> torch.Tensor:
+        """Videos [B, T, 3, H, W] -> each frame's cosine similarity with each class, [B, T, K] (see
+        :meth:`frame_similarity_to`), against the classes of :meth:`set_class_tokens`."""
+        if self.class_tokens is None:
+            raise RuntimeError("no class prompts: call set_class_tokens(token_ids) first")
+        with torch.no_grad():
+            text = self.class_text_features(self.class_tokens)
+        return self.frame_similarity_to(video, text)
 
     def fixed_classes(self) -> FixedClassXCLIP:
         """This model over its current class list without its text tower (see :class:`FixedClassXCLIP`)."""
