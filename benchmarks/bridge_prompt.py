@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from compare_methods import LEARNING_RATES, write_clip
+from compare_methods import LEARNING_RATES, write_clip, write_results
 
 from evl.cli import main as evl
 from evl.demo import DEMO_RECIPE, NUM_FRAMES, SIZE, make_demo_dataset, write_flip_map
@@ -219,10 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_case(case, root, data, flip_map, bridge, clip, args.steps, lr)
         print(json.dumps(result), file=sys.stderr)
         results.append(result)
-    table = markdown(results, args.shots)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(table)
+    write_results(out, markdown(results, args.shots), results)
     return 0
 
 

@@ -121,6 +121,13 @@ def markdown(results: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def write_results(out: Path, table: str, results: list[dict]) -> None:
+    """OUT/results.md (the table) and OUT/results.json (every run's numbers); the table is printed too."""
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=Path("runs/compare"))
@@ -143,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result), file=sys.stderr)
     results = [json.loads(f.read_text()) for f in sorted(out.glob("*/*/result.json"))]
     results = [r for r in results if r["task"] in args.tasks]
-    table = markdown(results, args.tasks)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(table)
+    write_results(out, markdown(results, args.tasks), results)
     return 0
 
 

@@ -77,11 +77,11 @@ def test_chosen_frame_patch_and_layer(evl_explanation):
     assert (fixed.row, fixed.col) == (2, 5)
     assert fixed.frame == 1 + int(a.query_patches()[0, -1, 1:-1, 2, 5].argmax())  # a frame with neighbours
     assert choose_patch(a, frame=0, patch=(6, 6)) == type(fixed)(3, 0, 6, 6)
-    with pytest.raises(ValueError, match=r"--layer 4 is outside this model's 4 decoder layers"):
+    with pytest.raises(ValueError, match=r"layer 4 is outside this model's 4 decoder layers"):
         choose_patch(a, layer=4)
-    with pytest.raises(ValueError, match=r"--patch column 7 is outside this model's 7 patch columns"):
+    with pytest.raises(ValueError, match=r"patch column 7 is outside this model's 7 patch columns"):
         choose_patch(a, patch=(0, 7))
-    with pytest.raises(ValueError, match=r"--frame -1"):
+    with pytest.raises(ValueError, match=r"frame -1 is outside"):
         choose_patch(a, frame=-1)
 
 
@@ -150,7 +150,7 @@ def test_text_methods_explain_each_frames_similarity(method, video, tmp_path):
     written = save_explanation(e, tmp_path / method, dpi=40)
     assert [p.name for p in written] == ["class_similarity.png", SUMMARY_FILE, TENSORS_FILE]
     assert set(load_file(written[-1])) == {"frames", "probabilities", "frame_similarity"}
-    with pytest.raises(ValueError, match="--layer, --frame and --patch choose attention maps"):
+    with pytest.raises(ValueError, match="layer, frame and patch choose a patch of the attention maps"):
         explain_video(predictor, video, layer=0)
 
 
@@ -179,4 +179,4 @@ def test_explain_command_on_a_trained_run(tmp_path, video, capsys):
         main(["explain", str(run_dir), str(video), "--out", str(out), "--patch", "3"])
     assert "expected ROW,COL (two integers), got '3'" in capsys.readouterr().err
     assert main(["explain", str(run_dir), str(video), "--out", str(out), "--layer", "5"]) == 2
-    assert "evl explain: error: --layer 5 is outside this model's 4 decoder layers" in capsys.readouterr().err
+    assert "evl explain: error: layer 5 is outside this model's 4 decoder layers" in capsys.readouterr().err

@@ -133,7 +133,7 @@ def explain_video(
             )
         if layer is not None or frame is not None or patch is not None:
             raise ValueError(
-                f"--layer, --frame and --patch choose attention maps, which {spec.title} has none of"
+                f"layer, frame and patch choose a patch of the attention maps; {spec.title} has none"
             )
         similarity = spec.frame_similarity(model, video)[0].cpu() if spec.frame_similarity else None
         probabilities = class_scores(model, model(video).float())[0].cpu()
@@ -152,12 +152,12 @@ def choose_patch(
     maps = attention.query_patches()[0]  # [M, T, rows, cols]
     num_layers, num_frames, rows, cols = maps.shape
     layer = num_layers - 1 if layer is None else layer
-    _check_range("--layer", layer, num_layers, "decoder layers")
+    _check_range("layer", layer, num_layers, "decoder layers")
     if frame is not None:
-        _check_range("--frame", frame, num_frames, "frames")
+        _check_range("frame", frame, num_frames, "frames")
     if patch is not None:
-        _check_range("--patch row", patch[0], rows, "patch rows")
-        _check_range("--patch column", patch[1], cols, "patch columns")
+        _check_range("patch row", patch[0], rows, "patch rows")
+        _check_range("patch column", patch[1], cols, "patch columns")
     scores = maps[layer].clone()  # [T, rows, cols]
     if frame is None and num_frames >= 3:
         scores[0] = scores[-1] = -1.0  # prefer a frame with a previous and a next one
