@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, help="a trained demo run (default: train one into OUT_DIR/demo)")
     parser.add_argument("--steps", type=int, help="demo training steps when training (default: the demo's)")
     parser.add_argument("--docs", type=Path, help="also copy the README pictures into this folder")
+    parser.add_argument("--dpi", type=int, default=100, help="resolution of the pictures")
     args = parser.parse_args(argv)
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps({**summary, "layers": rows}, indent=2) + "\n")
     print(table)
     if example is not None:
-        written = save_explanation(example["explanation"], out / "pictures")
+        written = save_explanation(example["explanation"], out / "pictures", dpi=args.dpi)
         print(f"pictures of {example['path']} ({class_names('motion')[example['explanation'].top(1)[0]]}):")
         for path in written:
             print(f"  {path}")

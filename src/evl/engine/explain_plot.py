@@ -10,6 +10,9 @@ import io
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -19,7 +22,8 @@ from evl.io import atomic_write_bytes
 
 MAX_COLUMNS = 16  # frames drawn per row; longer clips show this many, evenly spaced
 MAX_LINES = 5  # classes drawn over time
-HEAT_ALPHA = 0.55
+HEAT_ALPHA = 0.75  # opacity of the most attended place
+HEAT_COLORMAP = "jet"
 CELL_INCHES = 1.6
 
 
@@ -65,10 +69,11 @@ def layer_figure(explanation: Explanation, layer: int) -> Figure:
     )
     axes = fig.subplots(len(rows), len(columns), squeeze=False)
     for r, (name, maps, titles) in enumerate(rows):
-        vmax = float(maps[columns].max())  # one scale for the row: frames compare by colour
+        # One scale for the row, its least to its most attended patch: frames compare by colour.
+        low, high = float(maps[columns].min()), float(maps[columns].max())
         for c, t in enumerate(columns):
             ax = axes[r, c]
-            _overlay(ax, frames[t], maps[t].numpy(), vmax)
+            _overlay(ax, frames[t], maps[t].numpy(), low, high)
             ax.set_title(titles[c], fontsize=8)
         axes[r, 0].set_ylabel(name, fontsize=9)
     prefix = float(attention.query[0, layer, :, : attention.prefix_tokens].sum())
@@ -106,7 +111,7 @@ def cross_frame_figure(explanation: Explanation) -> Figure:
             ax.imshow(frames[t])
             _hide_ticks(ax)
         else:
-            _overlay(ax, frames[t], maps[0].numpy(), float(maps[0].max()))
+            _overlay(ax, frames[t], maps[0].numpy(), float(maps[0].min()), float(maps[0].max()))
         _mark_patch(ax, choice.row, choice.col, attention.grid, frames.shape[1:3])
         ax.set_title(title, fontsize=8)
     fig.suptitle(
@@ -142,19 +147,17 @@ def similarity_figure(explanation: Explanation) -> Figure:
     return fig
 
 
-def _overlay(ax: Axes, frame: np.ndarray, heat: np.ndarray, vmax: float) -> None:
-    """``frame`` uint8 [S, S, 3] with ``heat`` [rows, cols] stretched over it (bilinear), 0..vmax."""
+def _overlay(ax: Axes, frame: np.ndarray, heat: np.ndarray, low: float, high: float) -> None:
+    """``frame`` uint8 [S, S, 3] under ``heat`` [rows, cols] stretched over it (bilinear): colour and opacity
+    grow from ``low`` (transparent) to ``high``, so the frame stays visible where little attention goes."""
     height, width = frame.shape[:2]
-    ax.imshow(frame, extent=(0, width, height, 0))
-    ax.imshow(
-        heat,
-        extent=(0, width, height, 0),
-        cmap="jet",
-        alpha=HEAT_ALPHA,
-        vmin=0.0,
-        vmax=max(vmax, 1e-12),
-        interpolation="bilinear",
-    )
+    grid = torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32))[None, None]
+    smooth = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+    level = np.clip((smooth - low) / max(high - low, 1e-12), 0.0, 1.0)
+    rgba = colormaps[HEAT_COLORMAP](level)
+    rgba[..., 3] = HEAT_ALPHA * level
+    ax.imshow(frame)
+    ax.imshow(rgba)
     _hide_ticks(ax)
 
 
