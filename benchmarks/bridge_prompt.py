@@ -3,12 +3,14 @@
     python benchmarks/bridge_prompt.py --out-dir runs/bridge_prompt [--shots 8] [--steps 200] \
         [--bridge-steps 800] [--prompt-lr 8e-3]
     python benchmarks/bridge_prompt.py --out-dir runs/bridge_prompt --bridge-run runs/compare/shapes/vifi
+    python benchmarks/bridge_prompt.py --out-dir runs/bridge_prompt --task shapes   # the bridge's classes
 
 1. Bridge: a ViFi-CLIP run (``vifi``, both towers fine-tuned) on the demo's ``shapes`` task (which shape
    moves), from the random CLIP that benchmarks/compare_methods.py uses; ``--bridge-run DIR`` reuses a
    ViFi-CLIP run instead (compare_methods' ``shapes/vifi`` is one).
-2. A K-shot training list of the ``mixed`` task (12 classes, shape and direction: ``circle_left`` ...) with
-   the demo's frames and size, and its validation list (8 videos per class).
+2. A K-shot training list of the ``mixed`` task (12 classes, shape and direction: ``circle_left`` ...), or
+   with ``--task shapes`` of the bridge's own classes on other videos (``--data-seed``), with the demo's
+   frames and size, and its validation list (8 videos per class).
 3. On that list, the same steps, batch and data settings (the demo's recipe) for:
    * ViFi alone: ``vifi`` from the same random CLIP (both towers fine-tuned on the K shots);
    * bridge + prompt: ``vifi_prompt`` from the bridge, with the few-shot recipe's tokens and depths (the
@@ -153,7 +155,8 @@ def run_case(
     result = {
         "case": case,
         **metrics,
-        "chance": 100 / 12,
+        "task": data.task,
+        "chance": 100 / len(data.classes),
         "batch_size": BATCH,
         **trained,
         "bridge": str(bridge),
@@ -163,8 +166,9 @@ def run_case(
 
 
 def markdown(results: list[dict], shots: int) -> str:
+    task = results[0].get("task", "mixed")
     lines = [
-        f"| run | what trains | mixed top-1 ({shots}-shot) | steps x batch | lr | trained params | s/step |",
+        f"| run | what trains | {task} top-1 ({shots}-shot) | steps x batch | lr | trained params | s/step |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -175,14 +179,26 @@ def markdown(results: list[dict], shots: int) -> str:
         lines.append(
             f"| {name} | {what} | {r['top1']:.1f} | {steps} | {lr} | {r['trained_parameters']:,} | {speed} |"
         )
-    lines.append(f"\nChance: {100 / 12:.1f}. Bridge: {results[0]['bridge']}.")
+    lines.append(f"\nChance: {results[0]['chance']:.1f}. Bridge: {results[0]['bridge']}.")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bridge_prompt"))
-    parser.add_argument("--shots", type=int, default=8, help="training videos per mixed class")
+    parser.add_argument("--shots", type=int, default=8, help="training videos per class of the K-shot task")
+    parser.add_argument(
+        "--data-seed",
+        type=int,
+        default=1,
+        help="seed of the K-shot videos (the bridge's, the demo's, are seed 0: 1 gives other videos)",
+    )
+    parser.add_argument(
+        "--task",
+        choices=("mixed", "shapes"),
+        default="mixed",
+        help="the K-shot task: mixed (new classes) or shapes (the bridge's classes, on new videos)",
+    )
     parser.add_argument("--steps", type=int, default=200, help="steps of each K-shot run")
     parser.add_argument("--bridge-steps", type=int, default=800, help="steps of the bridge (vifi on shapes)")
     parser.add_argument("--bridge-run", type=Path, help="a ViFi-CLIP run to use as the bridge instead")
@@ -201,10 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         bridge = make_bridge(out, write_clip(out / "clip_random_t16_112.safetensors"), args.bridge_steps)
     clip = bridge_clip(bridge, out)
 
-    root = out / f"mixed_{args.shots}shot"
+    root = out / f"{args.task}_{args.shots}shot"
     data = make_dataset(
         root / "data",
-        task="mixed",
+        task=args.task,
+        seed=args.data_seed,
         num_train_per_class=args.shots,
         num_val_per_class=VAL_PER_CLASS,
         num_frames=NUM_FRAMES,
@@ -212,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=2,
         progress=False,
     )
-    flip_map = write_flip_map(root / "data" / "flip_label_map.json", "mixed")
+    flip_map = write_flip_map(root / "data" / "flip_label_map.json", args.task)
     lrs = {"vifi": LEARNING_RATES["vifi"], "vifi_prompt": args.prompt_lr, "zeroshot_bridge": None}
     results = []
     for case, lr in lrs.items():

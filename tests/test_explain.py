@@ -9,7 +9,7 @@ import matplotlib.image
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from evl.cli import main
 from evl.engine.explain import (
@@ -21,8 +21,9 @@ from evl.engine.explain import (
     explanation_views,
     save_explanation,
 )
+from evl.models.registry import clip_state_dict, create_clip
 from evl.synth import write_action_change_video
-from factories import tiny_dataset, train_flags
+from factories import TINY_BACKBONE, tiny_dataset, train_flags
 from long_videos import tiny_predictor
 
 FPS = 8.0
@@ -180,3 +181,19 @@ def test_explain_command_on_a_trained_run(tmp_path, video, capsys):
     assert "expected ROW,COL (two integers), got '3'" in capsys.readouterr().err
     assert main(["explain", str(run_dir), str(video), "--out", str(out), "--layer", "5"]) == 2
     assert "evl explain: error: layer 5 is outside this model's 4 decoder layers" in capsys.readouterr().err
+
+
+def test_explain_command_from_clip_weights(tmp_path, video, capsys):
+    torch.manual_seed(11)
+    clip = tmp_path / "clip.safetensors"
+    save_file(clip_state_dict(create_clip(TINY_BACKBONE)), str(clip))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("left\nup\njuggling\n")
+    out = tmp_path / "explained"
+    args = ["explain", str(clip), str(video), "--method", "zeroshot", "--classes", str(classes)]
+    assert main([*args, "--num-frames", "4", "--out", str(out), "--dpi", "40"]) == 0
+    assert "class_similarity.png" in capsys.readouterr().out
+    tensors = load_file(out / TENSORS_FILE)
+    assert tensors["frame_similarity"].shape == (4, 3)
+    assert main([*args, "--out", str(out), "--frame", "1"]) == 2
+    assert "zero-shot CLIP has none" in capsys.readouterr().err
