@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # evl on a machine with a GPU, checked end to end in under 10 minutes: the environment (nvidia-smi, torch,
 # CUDA), the device-sensitive tests on CUDA, the decoder's kernel count, a short synth -> train -> eval ->
-# predict -> extract -> train-from-features run through the command line, two-process NCCL training when
-# there are two GPUs, and `evl bench` at GPU batch sizes.
+# predict -> explain -> extract -> train-from-features run through the command line, two-process NCCL
+# training when there are two GPUs, and `evl bench` at GPU batch sizes.
 #
 #   bash benchmarks/gpu_check.sh [SUMMARY_JSON]
 #
@@ -282,6 +282,7 @@ step eval 60 RESULT_FILE="$W/metrics.json" "${EVL[@]}" eval "$W/run" --device "$
   --output "$W/metrics.json" --quiet
 VIDEO=$D/$(head -n 1 "$D/val.txt" 2>/dev/null | cut -d ' ' -f 1)
 step predict 60 "${EVL[@]}" predict "$W/run" "$VIDEO" --device "$DEVICE" --topk 3 --json
+step explain 60 "${EVL[@]}" explain "$W/run" "$VIDEO" --device "$DEVICE" --out "$W/explained" --dpi 40
 step extract 90 "${EVL[@]}" extract "${DATA[@]}" "${MODEL_ARGS[@]}" --num-workers 2 --device "$DEVICE" \
   --batch-size "$EXTRACT_BATCH" --output "$W/cache" --quiet
 step train_features 90 "${EVL[@]}" train "${COMMON[@]}" "${TRAIN_ARGS[@]}" --features "$W/cache" \
