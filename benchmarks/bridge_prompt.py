@@ -10,15 +10,16 @@
    ViFi-CLIP run instead (compare_methods' ``shapes/vifi`` is one).
 2. A K-shot training list of the ``mixed`` task (12 classes, shape and direction: ``circle_left`` ...), or
    with ``--task shapes`` of the bridge's own classes on other videos (``--data-seed``), with the demo's
-   frames and size, and its validation list (8 videos per class).
+   frames and size, and its validation list (``--val-per-class``, default 8).
 3. On that list, the same steps, batch and data settings (the demo's recipe) for:
    * ViFi alone: ``vifi`` from the same random CLIP (both towers fine-tuned on the K shots);
    * bridge + prompt: ``vifi_prompt`` from the bridge, with the few-shot recipe's tokens and depths (the
      depths clipped to the tiny model's layers) and ``--prompt-lr``: only the prompt vectors train;
-   * the bridge zero-shot: ``evl eval BRIDGE --classes`` the mixed class names, nothing trained.
+   * the bridge zero-shot: ``evl eval BRIDGE --classes`` the K-shot task's class names, nothing trained.
 
-Nothing is pretrained: the text tower has met only the bridge's three shape names, so zero-shot can hardly
-do better than tell the shape (25% top-1 with the direction a guess; chance is 8.3%). Writes
+Nothing is pretrained: the text tower has met only the bridge's three shape names, so on the mixed task
+zero-shot can hardly do better than tell the shape (25% top-1 with the direction a guess; chance is 8.3%).
+``--text-tokens 4`` starts the text context from the bridge's own prompt ("a photo of a"). Writes
 OUT_DIR/results.md (a Markdown table) and results.json; a finished run is not repeated (delete its folder).
 """
 
@@ -39,12 +40,11 @@ from evl.recipes import build_run_config
 from evl.synth import SynthDataset, make_dataset
 
 FEW_SHOT_RECIPE = "vifi_prompt_few_shot_b16_32f"  # the bridge-and-prompt tokens, depths and lr
-VAL_PER_CLASS = 8
 BATCH = build_run_config(DEMO_RECIPE).train.batch_size
 DESCRIPTION = {
     "vifi": ("ViFi alone", "both CLIP encoders, from random CLIP"),
     "vifi_prompt": ("bridge + prompt", "deep prompts only, on the bridge's frozen towers"),
-    "zeroshot_bridge": ("bridge zero-shot", "nothing: the bridge with the mixed class names"),
+    "zeroshot_bridge": ("bridge zero-shot", "nothing: the bridge with the K-shot task's class names"),
 }
 
 
@@ -107,13 +107,14 @@ def bridge_clip(bridge: Path, out: Path) -> Path:
     return write_clip(out / "clip_random_t16_112.safetensors")
 
 
-def prompt_settings(bridge: Path) -> list[str]:
-    """The few-shot recipe's prompt tokens and depths, the depths clipped to the bridge's layers."""
+def prompt_settings(bridge: Path, text_tokens: int | None = None) -> list[str]:
+    """The few-shot recipe's prompt tokens and depths, the depths clipped to the bridge's layers;
+    ``text_tokens`` replaces the recipe's text token count."""
     method = build_run_config(FEW_SHOT_RECIPE).method
     model = json.loads((bridge / "config.json").read_text())["model"]
     settings = {
         "prompt_vision_tokens": method.prompt_vision_tokens,
-        "prompt_text_tokens": method.prompt_text_tokens,
+        "prompt_text_tokens": method.prompt_text_tokens if text_tokens is None else text_tokens,
         "prompt_vision_depth": min(method.prompt_vision_depth, model["vision"]["layers"]),
         "prompt_text_depth": min(method.prompt_text_depth, model["text"]["layers"]),
     }
@@ -121,7 +122,15 @@ def prompt_settings(bridge: Path) -> list[str]:
 
 
 def run_case(
-    case: str, out: Path, data: SynthDataset, flip_map: Path, bridge: Path, clip: Path, steps: int, lr: float
+    case: str,
+    out: Path,
+    data: SynthDataset,
+    flip_map: Path,
+    bridge: Path,
+    clip: Path,
+    steps: int,
+    lr: float,
+    text_tokens: int | None = None,
 ) -> dict:
     """One row of the table: a K-shot run (``vifi``, ``vifi_prompt``) or the bridge zero-shot."""
     run_dir = out / case
@@ -139,7 +148,7 @@ def run_case(
         start = (
             ["--backbone", str(clip)]
             if case == "vifi"
-            else ["--backbone", str(bridge), *prompt_settings(bridge)]
+            else ["--backbone", str(bridge), *prompt_settings(bridge, text_tokens)]
         )
         train_s = train_run(
             run_dir, ["--method", case, *start, *data_flags(data, flip_map), *schedule_flags(steps, lr)]
@@ -187,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bridge_prompt"))
     parser.add_argument("--shots", type=int, default=8, help="training videos per class of the K-shot task")
+    parser.add_argument("--val-per-class", type=int, default=8, help="validation videos per class")
+    parser.add_argument(
+        "--text-tokens",
+        type=int,
+        help="text context tokens of bridge + prompt (default: the few-shot recipe's 10; at most 4 start "
+        "from the bridge's own 'a photo of a')",
+    )
     parser.add_argument(
         "--data-seed",
         type=int,
@@ -223,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         task=args.task,
         seed=args.data_seed,
         num_train_per_class=args.shots,
-        num_val_per_class=VAL_PER_CLASS,
+        num_val_per_class=args.val_per_class,
         num_frames=NUM_FRAMES,
         size=SIZE,
         workers=2,
@@ -233,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     lrs = {"vifi": LEARNING_RATES["vifi"], "vifi_prompt": args.prompt_lr, "zeroshot_bridge": None}
     results = []
     for case, lr in lrs.items():
-        result = run_case(case, root, data, flip_map, bridge, clip, args.steps, lr)
+        result = run_case(case, root, data, flip_map, bridge, clip, args.steps, lr, args.text_tokens)
         print(json.dumps(result), file=sys.stderr)
         results.append(result)
     write_results(out, markdown(results, args.shots), results)
