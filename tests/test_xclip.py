@@ -165,6 +165,17 @@ def test_official_checkpoint_layout_loads(tmp_path):
         assert torch.equal(loaded(video, ids), model(video, ids))
 
 
+def test_a_non_square_position_table_is_refused_in_one_line(tmp_path):
+    model = XCLIP(_tiny_config())
+    official = {f"module.{k.removeprefix('text.')}": v.clone() for k, v in model.state_dict().items()}
+    official["module.visual.positional_embedding"] = official["module.visual.positional_embedding"][:-1]
+    torch.save({"model": official}, tmp_path / "best.pth")
+    with pytest.raises(
+        WeightFormatError, match=r"best\.pth: \d+ image position embeddings do not form a square"
+    ):
+        load_xclip(tmp_path / "best.pth")
+
+
 # ------------------------------------------------------------------------------------------------ text cache
 
 

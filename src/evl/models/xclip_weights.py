@@ -22,6 +22,7 @@ from typing import Any
 
 from evl.config import IMAGENET_MEAN, IMAGENET_STD, TextConfig, VisionConfig
 from evl.models.xclip import XCLIP, XCLIPConfig
+from evl.positions import square_grid_side
 from evl.weights import (
     Tensors,
     WeightFormatError,
@@ -204,6 +205,9 @@ def xclip_config_from_state(state: Tensors, source: str = "checkpoint", **heads:
     try:
         width, _, patch, _ = state["visual.conv1.weight"].shape
         num_tokens = state["visual.positional_embedding"].shape[0]
+        grid = square_grid_side(num_tokens, prefix=1)
+        if grid is None:
+            raise ValueError(f"{num_tokens} image position embeddings do not form a square grid")
         text_width = state["text.ln_final.weight"].shape[0]
         dim = state["text.text_projection"].shape[1]
         fields = dict(
@@ -212,7 +216,7 @@ def xclip_config_from_state(state: Tensors, source: str = "checkpoint", **heads:
                 layers=_count(state, "visual.transformer.resblocks."),
                 heads=heads.get("vision_heads") or max(width // 64, 1),
                 patch_size=patch,
-                image_size=round((num_tokens - 1) ** 0.5) * patch,
+                image_size=grid * patch,
                 mlp_ratio=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
                 output_dim=state["visual.proj"].shape[1],
                 mean=IMAGENET_MEAN,
