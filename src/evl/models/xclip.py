@@ -115,15 +115,17 @@ class _VideoMatching:
             )
 
     # ----------------------------------------------------------------------------------------------- video
-    def encode_video(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Videos [B, T, 3, H, W] -> (video embeddings [B, D], prompt visual tokens [B, T, N, D]).
-
-        The embeddings are not normalised; the tokens are
-        ``prompts_visual_ln(patches) @ prompts_visual_proj``.
-        """
+    def encode_frames(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Videos [B, T, 3, H, W] -> (frame embeddings [B, T, D] after the cross-frame communication,
+        prompt visual tokens [B, T, N, D] = ``prompts_visual_ln(patches) @ prompts_visual_proj``)."""
         self.check_input(video)
         frames, patches = self.visual(video)  # [B, T, D], [B, T, N, C]
-        tokens = self.prompts_visual_ln(patches) @ self.prompts_visual_proj.to(patches.dtype)
+        return frames, self.prompts_visual_ln(patches) @ self.prompts_visual_proj.to(patches.dtype)
+
+    def encode_video(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Videos [B, T, 3, H, W] -> (video embeddings [B, D], prompt visual tokens [B, T, N, D]): the
+        frames of :meth:`encode_frames` through the integration transformer, not normalised."""
+        frames, tokens = self.encode_frames(video)
         return self.mit(frames), tokens
 
     # ------------------------------------------------------------------------------------------- matching
@@ -136,10 +138,8 @@ class _VideoMatching:
         """Videos [B, T, 3, H, W] and class text embeddings [K, D] -> cosine similarity of each frame's
         embedding (after the cross-frame communication, before the integration transformer) with each
         class's video-specific prompted text, [B, T, K] (float32, without autograd)."""
-        self.check_input(video)
         with torch.no_grad():
-            frames, patches = self.visual(video)  # [B, T, D], [B, T, N, C]
-            tokens = self.prompts_visual_ln(patches) @ self.prompts_visual_proj.to(patches.dtype)
+            frames, tokens = self.encode_frames(video)
             prompted = F.normalize(self.prompt_text(text, tokens).float(), dim=-1)  # [B, K, D]
         return torch.einsum("btd,bkd->btk", F.normalize(frames.float(), dim=-1), prompted)
 
