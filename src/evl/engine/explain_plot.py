@@ -6,7 +6,6 @@ switch, nothing kept alive between calls.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from evl.engine.explain import Explanation
-from evl.io import atomic_write_bytes
+from evl.engine.plots import save_png
 
 MAX_COLUMNS = 16  # frames drawn per row; longer clips show this many, evenly spaced
 MAX_LINES = 5  # classes drawn over time
@@ -35,11 +34,11 @@ def draw_explanation(explanation: Explanation, out_dir: Path, dpi: int = 100) ->
     if attention is not None:
         for layer in range(attention.query.shape[1]):
             fig = layer_figure(explanation, layer)
-            written.append(_save(fig, out_dir / f"attention_layer{layer}.png", dpi))
+            written.append(save_png(fig, out_dir / f"attention_layer{layer}.png", dpi))
         if explanation.patch is not None:
-            written.append(_save(cross_frame_figure(explanation), out_dir / "cross_frame.png", dpi))
+            written.append(save_png(cross_frame_figure(explanation), out_dir / "cross_frame.png", dpi))
     if explanation.frame_similarity is not None:
-        written.append(_save(similarity_figure(explanation), out_dir / "class_similarity.png", dpi))
+        written.append(save_png(similarity_figure(explanation), out_dir / "class_similarity.png", dpi))
     return written
 
 
@@ -175,9 +174,3 @@ def _mark_patch(ax: Axes, row: int, col: int, grid: tuple[int, int], size: tuple
 def _hide_ticks(ax: Axes) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
-
-
-def _save(fig: Figure, path: Path, dpi: int) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return atomic_write_bytes(path, buffer.getvalue())

@@ -55,7 +55,8 @@ def ema_smooth(values: np.ndarray, weight: float = 0.9) -> np.ndarray:
     return out
 
 
-def _save(fig: Figure, out_png: str | Path, dpi: int) -> Path:
+def save_png(fig: Figure, out_png: str | Path, dpi: int) -> Path:
+    """``fig`` as a PNG file, written atomically (every picture of the engine goes out this way)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     return atomic_write_bytes(out_png, buffer.getvalue())
@@ -99,7 +100,7 @@ def plot_training_curves(
     ax_val.set(title=title, xlabel="step", ylabel=f"{val_metric} (%)")
     for ax in (ax_loss, ax_val):
         ax.grid(alpha=0.3)
-    return _save(fig, out_png, dpi)
+    return save_png(fig, out_png, dpi)
 
 
 def plot_confusion_matrix(
@@ -150,4 +151,4 @@ def plot_confusion_matrix(
 
     ax.set(xlabel="predicted", ylabel="true")
     ax.set_title(f"Confusion matrix, {num_classes} classes, top-1 {accuracy:.2f}% ({int(total)} videos)")
-    return _save(fig, out_png, dpi)
+    return save_png(fig, out_png, dpi)

@@ -6,14 +6,13 @@ switch, nothing kept alive between calls.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from evl.io import atomic_write_bytes
+from evl.engine.plots import save_png
 
 if TYPE_CHECKING:
     from evl.engine.timeline import Timeline
@@ -86,6 +85,4 @@ def plot_timeline(timeline: Timeline, out_png: str | Path, dpi: int = 100) -> Pa
     ax.grid(alpha=0.3)
     if labels:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return atomic_write_bytes(out_png, buffer.getvalue())
+    return save_png(fig, out_png, dpi)
