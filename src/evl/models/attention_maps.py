@@ -75,23 +75,17 @@ def class_token_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def evl_attention(model: EVL, video: torch.Tensor) -> EVLAttention:
     """Videos [B, T, 3, H, W] (normalised, at the model's image size) -> :class:`EVLAttention`.
 
-    One backbone pass keeps the decoder's blocks' outputs and q/k; the decoder then runs layer by layer in
-    its reference formulation (:meth:`~evl.models.evl.EVLDecoder.memory_reference`, unfolded attention),
-    recording the query's weights. The logits are the model's up to float rounding (tested).
+    One backbone pass keeps the decoder's blocks' outputs and q/k; the decoder then runs in its reference
+    formulation (:meth:`~evl.models.evl.EVLDecoder.forward_reference`), recording the query's weights. The
+    logits are the model's up to float rounding (tested).
     """
     vision = model.vision_config
     blocks = model.extract_block_features(video)
     features = [frame_features(b, vision.num_patches, with_attention=True, reference=True) for b in blocks]
-    decoder = model.decoder
-    b, t = video.shape[:2]
-    query = decoder.query.expand(b, 1, -1)
-    query_maps = []
-    for i, layer in enumerate(decoder.layers):
-        memory = decoder.memory_reference(i, features[i]).flatten(1, 2)  # [B, T*L, C], frame-major
-        weights = layer.attn.attention_weights(layer.norm1(query), layer.norm3(memory))  # [B, H, 1, T*L]
-        query_maps.append(weights[:, :, 0].mean(dim=1).unflatten(-1, (t, -1)))  # [B, T, L]
-        query = layer(query, memory, folded=False)
-    logits = model.head(query[:, 0])
+    t = video.shape[1]
+    weights: list[torch.Tensor] = []  # per layer [B, H, T*L]
+    logits = model.head(model.decoder.forward_reference(features, attention=weights))
+    query_maps = [w.mean(dim=1).unflatten(-1, (t, -1)) for w in weights]  # head-averaged, [B, T, L]
 
     class_maps = None
     if vision.prefix_tokens > 0:  # the class token comes first where there is one

@@ -394,14 +394,23 @@ class EVLDecoder(nn.Module):
             query = layer.feed_forward(query)
         return query[:, 0]
 
-    def forward_reference(self, features: list[FrameFeatures]) -> torch.Tensor:
+    def forward_reference(
+        self, features: list[FrameFeatures], attention: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """:meth:`forward` in the straightforward formulation: each memory the plain sum of the temporal
         modules' own forwards (:meth:`memory_reference`), attended with keys and values projected from every
         memory token (the unfolded attention). Plain ops only: no custom autograd Function, nothing written
-        in place, no loop over the batch, so a traced graph holds it for any batch size."""
+        in place, no loop over the batch, so a traced graph holds it for any batch size.
+
+        ``attention``, when given, receives each layer's attention weights of the query over its memory,
+        [B, H, T*L] (:meth:`DecoderAttention.attention_weights`), for looking at."""
         query = self.query.expand(features[0].out.shape[0], 1, -1)
         for i, layer in enumerate(self.layers):
-            query = layer(query, self.memory_reference(i, features[i]).flatten(1, 2), folded=False)
+            memory = self.memory_reference(i, features[i]).flatten(1, 2)  # [B, T*L, C], frame-major
+            if attention is not None:
+                weights = layer.attn.attention_weights(layer.norm1(query), layer.norm3(memory))
+                attention.append(weights[:, :, 0])
+            query = layer(query, memory, folded=False)
         return query[:, 0]
 
 
