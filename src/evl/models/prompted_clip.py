@@ -30,7 +30,7 @@ from torch import nn
 
 from evl.models.clip_text import CLIPTextTransformer
 from evl.models.clip_vit import CLIPVisionTransformer
-from evl.models.vificlip import FixedClassVideoCLIP, VideoCLIP, average_frames, class_logits
+from evl.models.vificlip import FixedClassVideoCLIP, VideoCLIP
 from evl.tokenizer import default_tokenizer
 
 __all__ = [
@@ -298,7 +298,5 @@ class FixedClassPromptedVideoCLIP(FixedClassVideoCLIP):
         super().__init__(model)
         self.vision_prompts = model.vision_prompts
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        frames = encode_prompted_images(self.visual, self.vision_prompts, video.flatten(0, 1))  # [B*T, D]
-        video_embeddings = average_frames(frames, video.shape[1])
-        return class_logits(video_embeddings, self.class_embeddings, self.logit_scale, self.logit_bias)
+    def _encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        return encode_prompted_images(self.visual, self.vision_prompts, frames)

@@ -389,7 +389,11 @@ class FixedClassVideoCLIP(nn.Module):
             classes = model.encode_text()
         self.register_buffer("class_embeddings", classes.detach().clone())
 
+    def _encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames [N, 3, H, W] -> pooled embeddings [N, D] (as :meth:`VideoCLIP._encode_frames`)."""
+        return self.visual(frames)
+
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        frames = self.visual(video.flatten(0, 1))  # [B*T, D]
+        frames = self._encode_frames(video.flatten(0, 1))  # [B*T, D]
         video_embeddings = average_frames(frames, video.shape[1])
         return class_logits(video_embeddings, self.class_embeddings, self.logit_scale, self.logit_bias)
