@@ -7,6 +7,7 @@ import argparse
 
 from evl.cli.exits import EXIT_OK
 from evl.cli.flags import add_source_arguments, load_source
+from evl.cli.predict import print_ranked
 
 
 def add_explain_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,9 +50,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     predictor = Predictor(load_source(args))
     explanation = explain_video(predictor, args.video, layer=args.layer, frame=args.frame, patch=args.patch)
     written = save_explanation(explanation, args.out, dpi=args.dpi)
-    print(args.video)
-    for label in explanation.top(5):
-        print(f"  {100 * float(explanation.probabilities[label]):6.2f}%  {explanation.class_names[label]}")
+    top = explanation.top(5)
+    print_ranked(
+        args.video, [explanation.class_names[i] for i in top], explanation.probabilities[top].tolist()
+    )
     if explanation.patch is not None:
         p = explanation.patch
         print(f"cross-frame patch: layer {p.layer}, frame {p.frame}, row {p.row}, column {p.col}")

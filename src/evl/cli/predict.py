@@ -61,18 +61,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             prediction = predictor.predict(path, topk=args.topk)
         except VideoDecodeError as err:
             failures += 1
-            shown = printable_path(path)
-            print(json.dumps({"path": shown, "error": str(err)}) if args.json else f"error: {err}")
+            print_unreadable(path, err, args.json)
             continue
         if args.json:
             print(json.dumps(prediction.to_dict()))
         else:
-            print(printable_path(path))
-            for name, prob in zip(prediction.classes, prediction.probabilities, strict=True):
-                print(f"  {prob * 100:6.2f}%  {name}")
+            print_ranked(path, prediction.classes, prediction.probabilities)
     # Some videos unreadable: each has its error line and the others their predictions. None readable: an
     # input error, as a missing file is for every other command.
     return EXIT_INPUT_ERROR if failures == len(paths) else EXIT_OK
+
+
+def print_ranked(path: str | Path, classes: list[str], probabilities: list[float]) -> None:
+    """A video's path, then one line per class: its probability in percent and its name, best first."""
+    print(printable_path(path))
+    for name, prob in zip(classes, probabilities, strict=True):
+        print(f"  {prob * 100:6.2f}%  {name}")
+
+
+def print_unreadable(path: str | Path, err: VideoDecodeError, as_json: bool) -> None:
+    """The line of a video that could not be decoded (a JSON object with ``--json``)."""
+    print(json.dumps({"path": printable_path(path), "error": str(err)}) if as_json else f"error: {err}")
 
 
 def _predict_timelines(
@@ -93,8 +102,7 @@ def _predict_timelines(
                 written = write_timeline_files(timeline, args.timeline_out, stem, overlay_from=overlay_from)
         except VideoDecodeError as err:
             failures += 1
-            shown = printable_path(path)
-            print(json.dumps({"path": shown, "error": str(err)}) if args.json else f"error: {err}")
+            print_unreadable(path, err, args.json)
             continue
         if args.json:
             files = {kind: str(file) for kind, file in written.items()}
